@@ -1,0 +1,1 @@
+"""Neural network modules of CMDR-IAD: frozen extractors, mapping MLPs, decoders, fusion."""

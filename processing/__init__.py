@@ -1,0 +1,1 @@
+"""Dataset preprocessing: MVTec 3D-AD background removal and converters."""

@@ -1,0 +1,33 @@
+"""Shared fixtures: a small synthetic dataset in the MVTec 3D-AD layout, generated once per session."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from utils.synthetic import SyntheticConfig, generate_dataset
+
+# Small, non-square, every defect type present in the test split.
+TEST_DATA_CONFIG = SyntheticConfig(classes=("dome", "box"), n_train=4, n_val=2, n_test=8, size=(64, 80))
+
+
+@pytest.fixture(scope="session")
+def synthetic_config() -> SyntheticConfig:
+    """The configuration ``synthetic_root`` was generated with."""
+    return TEST_DATA_CONFIG
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory: pytest.TempPathFactory, synthetic_config: SyntheticConfig) -> Path:
+    """A read-only synthetic dataset shared by all tests (do not modify it; copy it with ``dataset_copy``)."""
+    return generate_dataset(tmp_path_factory.mktemp("synthetic"), synthetic_config)
+
+
+@pytest.fixture
+def dataset_copy(synthetic_root: Path, tmp_path: Path) -> Path:
+    """A private, writable copy of the ``dome`` class, for tests that damage files."""
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_root / "dome", root / "dome")
+    return root

@@ -1,0 +1,1 @@
+"""Data loading, synthetic data, metrics and other helpers."""

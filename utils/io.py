@@ -1,0 +1,94 @@
+"""Readers for the files of an MVTec 3D-AD style dataset, with errors that name the file.
+
+Every reader returns plain numpy arrays at the file's native resolution; resizing and
+normalisation live in :mod:`utils.transforms`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import tifffile
+from PIL import Image, UnidentifiedImageError
+
+logger = logging.getLogger(__name__)
+
+
+class DatasetError(ValueError):
+    """A dataset file or folder is missing, unpaired, unreadable or malformed."""
+
+
+def _open_image(path: Path) -> Image.Image:
+    """Open and fully decode an image so that truncated files fail here, not later."""
+    try:
+        image = Image.open(path)
+        image.load()
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: file not found") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise DatasetError(f"{path}: unreadable or truncated image ({err})") from None
+    return image
+
+
+def read_rgb(path: str | Path) -> np.ndarray:
+    """Read a colour image.
+
+    Greyscale, palette and RGBA images are converted to RGB.
+
+    Returns:
+        uint8 array of shape (H, W, 3).
+    """
+    return np.asarray(_open_image(Path(path)).convert("RGB"), dtype=np.uint8).copy()
+
+
+def read_mask(path: str | Path) -> np.ndarray:
+    """Read a ground-truth mask; every non-zero value is anomalous (0/255, 0/1 and bool all work).
+
+    Returns:
+        bool array of shape (H, W).
+    """
+    path = Path(path)
+    image = _open_image(path)
+    array = np.asarray(image)
+    if array.ndim == 3:  # RGB(A) masks: anomalous where any colour channel is non-zero
+        array = array[..., :3].max(axis=-1) if array.shape[-1] >= 3 else array[..., 0]
+    if array.ndim != 2:
+        raise DatasetError(f"{path}: expected a 2-D mask, got an image of shape {array.shape}")
+    return array > 0
+
+
+def read_xyz(path: str | Path) -> np.ndarray:
+    """Read an organized point cloud stored as a (H, W, 3) floating-point tiff in metres.
+
+    Pixels with a non-finite coordinate (NaN or inf) are invalid and set to (0, 0, 0),
+    the dataset's marker for "no measurement".
+
+    Returns:
+        float32 array of shape (H, W, 3).
+    """
+    path = Path(path)
+    try:
+        array = tifffile.imread(path)
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: file not found") from None
+    except Exception as err:  # tifffile raises a variety of types for corrupt files
+        raise DatasetError(f"{path}: unreadable or truncated tiff ({type(err).__name__}: {err})") from None
+    if array.ndim != 3 or array.shape[-1] != 3:
+        hint = " (channels first? expected channels last)" if array.ndim == 3 and array.shape[0] == 3 else ""
+        raise DatasetError(
+            f"{path}: expected an organized point cloud of shape (H, W, 3), got {array.shape}{hint}"
+        )
+    if not np.issubdtype(array.dtype, np.floating):
+        raise DatasetError(
+            f"{path}: expected float32 xyz coordinates in metres, got dtype {array.dtype} "
+            "(a depth image or an integer-encoded cloud is not an MVTec 3D-AD xyz file)"
+        )
+    array = array.astype(np.float32, copy=True)
+    non_finite = ~np.isfinite(array).all(axis=-1)
+    if non_finite.any():
+        logger.debug("%s: %d pixels with NaN/inf coordinates treated as invalid", path, int(non_finite.sum()))
+        array[non_finite] = 0.0
+    return array
+

@@ -1,0 +1,76 @@
+"""The input transforms of the reference implementation (method.md §1.1).
+
+* RGB: centred edge-replicate pad to a square, bicubic resize (PIL, as torchvision does for PIL
+  images), scale to [0, 1], ImageNet normalisation.
+* Organized point cloud: nearest resize with ``torch.nn.functional.interpolate`` semantics, no
+  padding (the reference resizes the cloud directly; see README "Differences" for the
+  consequence on non-square images).
+* Ground truth: centred edge-replicate pad, nearest resize, binary.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def pad_to_square(array: np.ndarray) -> np.ndarray:
+    """Centre ``array`` in a square of side max(H, W), replicating its edge rows/columns.
+
+    Args:
+        array: (H, W) or (H, W, C) array.
+
+    Returns:
+        (S, S) or (S, S, C) array with S = max(H, W); the extra row/column of an odd
+        difference goes to the bottom/right.
+    """
+    height, width = array.shape[:2]
+    side = max(height, width)
+    top, left = (side - height) // 2, (side - width) // 2
+    pad = [(top, side - height - top), (left, side - width - left)] + [(0, 0)] * (array.ndim - 2)
+    return np.pad(array, pad, mode="edge")
+
+
+def resize_nearest(array: np.ndarray, size: int) -> torch.Tensor:
+    """Nearest-neighbour resize with ``F.interpolate(mode="nearest")`` semantics.
+
+    Args:
+        array: (H, W) or (H, W, C) array.
+        size: output side length.
+
+    Returns:
+        float32 tensor of shape (C, size, size) (C = 1 for a 2-D input).
+    """
+    tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+    tensor = tensor.unsqueeze(-1) if tensor.ndim == 2 else tensor
+    tensor = tensor.permute(2, 0, 1).unsqueeze(0)
+    return F.interpolate(tensor, size=(size, size), mode="nearest")[0]
+
+
+def rgb_to_tensor(rgb: np.ndarray, size: int) -> torch.Tensor:
+    """Turn an (H, W, 3) uint8 image into the network input.
+
+    Returns:
+        float32 tensor of shape (3, size, size), ImageNet-normalised.
+    """
+    square = Image.fromarray(pad_to_square(rgb))
+    resized = np.asarray(square.resize((size, size), Image.BICUBIC), dtype=np.float32) / 255.0
+    tensor = torch.from_numpy(resized).permute(2, 0, 1)
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return (tensor - mean) / std
+
+
+def xyz_to_tensor(xyz: np.ndarray, size: int) -> torch.Tensor:
+    """Resize an organized point cloud (H, W, 3) to a (3, size, size) tensor; invalid stays (0, 0, 0)."""
+    return resize_nearest(xyz, size)
+
+
+def mask_to_tensor(mask: np.ndarray, size: int) -> torch.Tensor:
+    """Pad and resize a boolean (H, W) mask to a (1, size, size) float tensor of 0/1."""
+    return resize_nearest(pad_to_square(mask.astype(np.float32)), size)
