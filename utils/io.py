@@ -1,4 +1,4 @@
-"""Readers for the files of an MVTec 3D-AD style dataset, with errors that name the file.
+"""File input and output: dataset readers with errors that name the file, and atomic writes.
 
 Every reader returns plain numpy arrays at the file's native resolution; resizing and
 normalisation live in :mod:`utils.transforms`.
@@ -7,6 +7,10 @@ normalisation live in :mod:`utils.transforms`.
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -92,3 +96,30 @@ def read_xyz(path: str | Path) -> np.ndarray:
         array[non_finite] = 0.0
     return array
 
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; move it onto ``path`` only if the block succeeds.
+
+    Readers never see a half-written file, and a failure leaves an existing ``path`` untouched::
+
+        with atomic_path("metrics.json") as tmp:
+            tmp.write_text(text)
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (see :func:`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")

@@ -74,3 +74,21 @@ def xyz_to_tensor(xyz: np.ndarray, size: int) -> torch.Tensor:
 def mask_to_tensor(mask: np.ndarray, size: int) -> torch.Tensor:
     """Pad and resize a boolean (H, W) mask to a (1, size, size) float tensor of 0/1."""
     return resize_nearest(pad_to_square(mask.astype(np.float32)), size)
+
+
+def to_native_resolution(score_map: np.ndarray | torch.Tensor, original_size: tuple[int, int]) -> np.ndarray:
+    """Map an (S, S) score map back onto its image's native (H, W) pixel grid.
+
+    Inverse of the square pad + resize of :func:`rgb_to_tensor` / :func:`mask_to_tensor`: bilinear
+    upsampling to the padded square of side max(H, W), then the centred crop of the image. This is what the
+    official MVTec evaluation expects (maps compared with the original gt at native resolution).
+
+    Returns:
+        float32 array of shape (H, W).
+    """
+    height, width = original_size
+    side = max(height, width)
+    tensor = torch.as_tensor(score_map, dtype=torch.float32).reshape(1, 1, *np.shape(score_map)[-2:])
+    square = F.interpolate(tensor, size=(side, side), mode="bilinear", align_corners=False)[0, 0]
+    top, left = (side - height) // 2, (side - width) // 2
+    return square[top : top + height, left : left + width].numpy()
