@@ -1,0 +1,354 @@
+"""Frozen feature extractors and pixel alignment (method.md §1): DINO ViT-B/8 for RGB, Point-MAE for 3D.
+
+:class:`MultimodalFeatures` computes, for a batch of RGB images and organized clouds (B, 3, S, S), the
+pixel-aligned feature maps F2D (B, S², C2) and F3D (B, S², C3). It works in two steps so that the expensive
+part can be cached (see :mod:`utils.feature_cache`):
+
+1. *parts* — per sample, what the frozen networks produce: the RGB token grid (C2, h, w), and for 3D the
+   per-group features (G, C3) with the propagation indices and weights of every valid point;
+2. *maps* — the cheap, exact assembly of parts into pixel maps (bilinear upsampling; 3-NN propagation,
+   scatter, AvgPool 3 and adaptive pooling).
+
+``get_features_maps`` is exactly ``*_maps(extract_*_parts(...))``, so features rebuilt from cached parts equal
+freshly computed ones bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+from torch import nn
+
+from networks.point_mae import (
+    DEFAULT_POINTMAE_WEIGHTS, BNMode, PointMAEConfig, PointMAEEncoder, WeightsError, load_pointmae_weights,
+    load_state_dict_checked, read_checkpoint,
+)
+from networks.point_ops import points_to_pixel_map, propagate, three_nn_weights
+
+logger = logging.getLogger(__name__)
+
+DINO_URL = "https://dl.fbaipublicfiles.com/dino/dino_vitbase8_pretrain/dino_vitbase8_pretrain.pth"
+# Random initialisation uses seeds of its own, so training and inference runs see the same random features
+# whatever the global RNG state is.
+RGB_INIT_SEED = 0
+XYZ_INIT_SEED = 1
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    """The RGB backbone: a timm ViT (``timm_name`` set: a registered pretrained model) or a small custom one."""
+
+    timm_name: str | None = "vit_base_patch8_224.dino"
+    patch_size: int = 8
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+
+
+@dataclass(frozen=True)
+class ExtractorConfig:
+    """Everything that determines the frozen features (and so the cache fingerprint, with the weights).
+
+    Attributes:
+        img_size: side S of the square inputs and feature maps.
+        rgb: the ViT.
+        xyz: the Point-MAE encoder.
+        bn_mode: Point-MAE BatchNorm statistics, ``sample`` or ``running``.
+    """
+
+    img_size: int = 224
+    rgb: ViTConfig = field(default_factory=ViTConfig)
+    xyz: PointMAEConfig = field(default_factory=PointMAEConfig)
+    bn_mode: BNMode = "sample"
+
+    @property
+    def rgb_dim(self) -> int:
+        return self.rgb.embed_dim
+
+    @property
+    def xyz_dim(self) -> int:
+        return self.xyz.feature_dim
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+PRESETS: dict[str, ExtractorConfig] = {
+    # method.md §1: 224², DINO ViT-B/8, Point-MAE 1024 groups × 128 points; F2D 768, F3D 1152.
+    "paper": ExtractorConfig(),
+    # Small random-initialised backbones: the whole train → inference loop in seconds on a CPU.
+    "tiny": ExtractorConfig(
+        img_size=64,
+        rgb=ViTConfig(timm_name=None, patch_size=8, embed_dim=64, depth=2, num_heads=2),
+        xyz=PointMAEConfig(trans_dim=48, depth=3, num_heads=3, num_group=64, group_size=32, first_conv=(32, 64),
+                           second_conv_hidden=128, fetch_blocks=(0, 1, 2)),
+    ),
+}
+
+
+@dataclass
+class XYZParts:
+    """What the frozen 3D branch produces for one sample; :meth:`MultimodalFeatures.xyz_maps` assembles it.
+
+    Attributes:
+        group_features: (G, C3) float32 features of the group centres.
+        pixel_index: (N,) int64 flat pixel index of every valid point.
+        neighbour_index: (N, 3) int64 index of each point's 3 nearest centres.
+        neighbour_weight: (N, 3) float32 propagation weights.
+    """
+
+    group_features: torch.Tensor
+    pixel_index: torch.Tensor
+    neighbour_index: torch.Tensor
+    neighbour_weight: torch.Tensor
+
+    def to(self, device: torch.device | str) -> XYZParts:
+        return XYZParts(*(t.to(device) for t in dataclasses.astuple(self)))
+
+
+def _seeded(seed: int, build):
+    """Build a module under a private RNG state, leaving the global one untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+def _tensor_digest(module: nn.Module) -> str:
+    """SHA-256 of a module's parameters and buffers (names, dtypes, shapes and bytes)."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def load_rgb_weights(model: VisionTransformer, path: str | Path) -> None:
+    """Load a ViT checkpoint (.pth/.pt or .safetensors; timm or original DINO key names) into ``model``."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"RGB backbone weights not found at {path} (download: {DINO_URL})")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = read_checkpoint(path)
+        for key in ("teacher", "model", "state_dict"):  # full DINO training checkpoints nest the weights
+            if key in state and isinstance(state[key], dict):
+                state = state[key]
+                break
+        state = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state.items()}
+    state = {k: v for k, v in checkpoint_filter_fn(state, model).items() if not k.startswith("head.")}
+    load_state_dict_checked(model, state, path)
+
+
+def build_rgb_backbone(
+    config: ExtractorConfig, random_init: bool = False, weights: str | Path | None = None
+) -> VisionTransformer:
+    """The ViT, with weights from ``weights``, the timm hub, or (only with ``random_init``) a fixed seed."""
+    vit = config.rgb
+    if vit.timm_name is not None:
+        def build(pretrained: bool = False) -> VisionTransformer:
+            return timm.create_model(vit.timm_name, pretrained=pretrained, num_classes=0, img_size=config.img_size)
+    else:
+        def build(pretrained: bool = False) -> VisionTransformer:
+            return VisionTransformer(
+                img_size=config.img_size, patch_size=vit.patch_size, embed_dim=vit.embed_dim, depth=vit.depth,
+                num_heads=vit.num_heads, num_classes=0,
+            )
+
+    if weights is not None:
+        model = build()
+        load_rgb_weights(model, weights)
+    elif random_init:
+        model = _seeded(RGB_INIT_SEED, build)
+    elif vit.timm_name is None:
+        raise WeightsError("this preset's RGB backbone has no pretrained weights: pass --random_init or --rgb_weights")
+    else:
+        try:
+            model = build(pretrained=True)
+        except Exception as err:  # offline, hub errors, corrupted cache
+            raise WeightsError(
+                f"could not get the pretrained weights of {vit.timm_name} from the timm hub ({type(err).__name__}: "
+                f"{err}). Offline, download {DINO_URL} and pass it with --rgb_weights FILE; use --random_init only "
+                "for smoke tests."
+            ) from None
+    return model.eval().requires_grad_(False)
+
+
+def build_xyz_backbone(
+    config: ExtractorConfig, random_init: bool = False, weights: str | Path | None = None
+) -> PointMAEEncoder:
+    """The Point-MAE encoder, with weights from ``weights`` (default path) or, only with ``random_init``, a seed."""
+    if random_init and weights is None:
+        model = _seeded(XYZ_INIT_SEED, lambda: PointMAEEncoder(config.xyz, config.bn_mode))
+    else:
+        model = PointMAEEncoder(config.xyz, config.bn_mode)
+        load_pointmae_weights(model, weights if weights is not None else DEFAULT_POINTMAE_WEIGHTS)
+    return model.eval().requires_grad_(False)
+
+
+class MultimodalFeatures(nn.Module):
+    """The frozen 2D and 3D extractors and the pixel alignment of their features.
+
+    Args:
+        preset: ``paper`` or ``tiny`` (see :data:`PRESETS`), or an :class:`ExtractorConfig`.
+        random_init: allow random weights (seeded) where no weights file is given; recorded in :attr:`metadata`.
+        rgb_weights: ViT checkpoint file; default: the timm hub.
+        pointmae_weights: Point-MAE checkpoint; default ``checkpoints/feature_extractors/pointmae_pretrain.pth``.
+        bn_mode: Point-MAE BatchNorm mode (overrides the preset's).
+        device: where the backbones run.
+        modality: which backbones to build: ``rgbxyz``, ``rgb`` or ``xyz``.
+    """
+
+    def __init__(
+        self,
+        preset: str | ExtractorConfig = "paper",
+        random_init: bool = False,
+        rgb_weights: str | Path | None = None,
+        pointmae_weights: str | Path | None = None,
+        bn_mode: BNMode = "sample",
+        device: torch.device | str = "cpu",
+        modality: str = "rgbxyz",
+    ) -> None:
+        super().__init__()
+        if modality not in ("rgbxyz", "rgb", "xyz"):
+            raise ValueError(f"modality must be 'rgbxyz', 'rgb' or 'xyz', got {modality!r}")
+        if isinstance(preset, str):
+            if preset not in PRESETS:
+                raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+            preset = PRESETS[preset]
+        self.config = dataclasses.replace(preset, bn_mode=bn_mode)
+        self.modality = modality
+        self.device = torch.device(device)
+        self.rgb_backbone = (
+            build_rgb_backbone(self.config, random_init, rgb_weights).to(self.device) if "rgb" in modality else None
+        )
+        self.xyz_backbone = (
+            build_xyz_backbone(self.config, random_init, pointmae_weights).to(self.device)
+            if "xyz" in modality else None
+        )
+        self.metadata = {
+            "config": self.config.to_dict(),
+            "random_init": bool(random_init),
+            "rgb_weights": None if rgb_weights is None else str(rgb_weights),
+            "pointmae_weights": None if pointmae_weights is None else str(pointmae_weights),
+        }
+        if random_init:
+            logger.warning("feature extractors use RANDOM weights (--random_init): features are not meaningful")
+        self._fingerprints: dict[str, str] = {}
+
+    @property
+    def img_size(self) -> int:
+        return self.config.img_size
+
+    def fingerprint(self, branch: str) -> str:
+        """Hash of the configuration and the weights of ``branch`` (``rgb`` or ``xyz``): the cache key."""
+        if branch not in self._fingerprints:
+            backbone = self.rgb_backbone if branch == "rgb" else self.xyz_backbone
+            if backbone is None:
+                raise ValueError(f"the {branch} backbone was not built (modality {self.modality!r})")
+            settings = {"img_size": self.config.img_size, branch: self.config.to_dict()[branch]}
+            if branch == "xyz":
+                settings["bn_mode"] = self.config.bn_mode
+            digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+            digest.update(_tensor_digest(backbone).encode())
+            self._fingerprints[branch] = digest.hexdigest()
+        return self._fingerprints[branch]
+
+    # --- parts: the frozen networks ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def extract_rgb_parts(self, rgb: torch.Tensor) -> list[torch.Tensor]:
+        """ViT token grids.
+
+        Args:
+            rgb: (B, 3, S, S) normalised images.
+
+        Returns:
+            B tensors (C2, S/patch, S/patch), float32.
+        """
+        if self.rgb_backbone is None:
+            raise ValueError(f"no RGB backbone for modality {self.modality!r}")
+        self._check_input(rgb, "rgb")
+        tokens = self.rgb_backbone.forward_features(rgb.to(self.device))  # patch embed, CLS, norm_pre, blocks, norm
+        tokens = tokens[:, self.rgb_backbone.num_prefix_tokens :]
+        side = self.img_size // self.config.rgb.patch_size
+        grid = tokens.transpose(1, 2).reshape(rgb.shape[0], -1, side, side).float()
+        return list(grid.unbind(0))
+
+    @torch.no_grad()
+    def extract_xyz_parts(self, organized_pc: torch.Tensor) -> list[XYZParts]:
+        """Per-group Point-MAE features and propagation weights, one sample at a time.
+
+        Args:
+            organized_pc: (B, 3, S, S) organized clouds in metres, invalid pixels (0, 0, 0).
+
+        Raises:
+            ValueError: a cloud with fewer valid points than num_group or group_size (an all-zero cloud too).
+        """
+        if self.xyz_backbone is None:
+            raise ValueError(f"no 3D backbone for modality {self.modality!r}")
+        self._check_input(organized_pc, "organized_pc")
+        parts = []
+        for cloud in organized_pc.to(self.device):
+            points = cloud.reshape(3, -1).T  # (S², 3) in raster order
+            pixel_index = torch.nonzero((points != 0).all(dim=1)).squeeze(1)
+            points = points[pixel_index]
+            neighbourhoods, centres = self.xyz_backbone.group(points)
+            group_features = self.xyz_backbone(neighbourhoods.float(), centres.float()).float()
+            neighbour_index, neighbour_weight = three_nn_weights(points, centres)
+            parts.append(XYZParts(group_features, pixel_index, neighbour_index, neighbour_weight))
+        return parts
+
+    # --- maps: exact assembly ----------------------------------------------------------------------------------
+
+    def rgb_maps(self, parts: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Bilinear (align_corners=False) upsampling of token grids → F2D (B, S², C2)."""
+        grid = torch.stack([p.to(self.device) for p in parts])
+        upsampled = F.interpolate(grid, size=(self.img_size, self.img_size), mode="bilinear", align_corners=False)
+        return upsampled.flatten(2).transpose(1, 2)
+
+    def xyz_maps(self, parts: Sequence[XYZParts]) -> torch.Tensor:
+        """3-NN propagation to the points, scatter to pixels, AvgPool 3 + adaptive pooling → F3D (B, S², C3)."""
+        maps = []
+        for part in parts:
+            part = part.to(self.device)
+            point_features = propagate(part.group_features, part.neighbour_index, part.neighbour_weight)
+            maps.append(points_to_pixel_map(point_features, part.pixel_index, self.img_size))
+        return torch.stack(maps)
+
+    def get_features_maps(
+        self, rgb: torch.Tensor | None, organized_pc: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Pixel-aligned features of a batch.
+
+        Args:
+            rgb: (B, 3, S, S) normalised images, or None for the 3D-only modality.
+            organized_pc: (B, 3, S, S) organized clouds, or None for the 2D-only modality.
+
+        Returns:
+            (F2D (B, S², C2) or None, F3D (B, S², C3) or None); pixels in raster order.
+        """
+        f2d = self.rgb_maps(self.extract_rgb_parts(rgb)) if self.rgb_backbone is not None and rgb is not None else None
+        f3d = (
+            self.xyz_maps(self.extract_xyz_parts(organized_pc))
+            if self.xyz_backbone is not None and organized_pc is not None else None
+        )
+        return f2d, f3d
+
+    def _check_input(self, tensor: torch.Tensor, name: str) -> None:
+        expected = (3, self.img_size, self.img_size)
+        if tensor.ndim != 4 or tuple(tensor.shape[1:]) != expected:
+            raise ValueError(f"{name} must have shape (B, {', '.join(map(str, expected))}), got {tuple(tensor.shape)}")

@@ -1,0 +1,284 @@
+"""The Point-MAE encoder used as the frozen 3D feature extractor (method.md §1.3).
+
+Parameter names equal the reference encoder's (``reference_state_dicts.json``, key ``PointMAE_encoder``), so
+the public Point-MAE checkpoint loads unchanged through :func:`convert_pointmae_checkpoint`.
+
+The encoder processes one sample at a time: its BatchNorm layers in ``bn_mode="sample"`` normalise with the
+statistics of the sample being encoded (all its groups and points), which is what the reference computes
+because it never switches the extractor to eval mode. Drop-path is never applied (the extractor is frozen).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from networks.point_ops import farthest_point_sample, knn_groups
+
+logger = logging.getLogger(__name__)
+
+BNMode = Literal["sample", "running"]
+POINTMAE_URL = "https://github.com/Pang-Yatian/Point-MAE/releases/download/main/pretrain.pth"
+DEFAULT_POINTMAE_WEIGHTS = Path("checkpoints/feature_extractors/pointmae_pretrain.pth")
+# Keys of the pre-training checkpoint that belong to the MAE decoder, not to the encoder.
+_DECODER_PREFIXES = ("MAE_decoder.", "decoder_pos_embed.", "mask_token", "increase_dim.")
+
+
+class WeightsError(RuntimeError):
+    """Pretrained weights are missing or do not fit the model."""
+
+
+@dataclass(frozen=True)
+class PointMAEConfig:
+    """Sizes of the Point-MAE encoder (defaults: the public checkpoint).
+
+    Attributes:
+        trans_dim: transformer width (= token width).
+        depth: number of transformer blocks.
+        num_heads: attention heads.
+        mlp_ratio: hidden width of the block MLPs over ``trans_dim``.
+        num_group: number of FPS centres (groups) per cloud.
+        group_size: points per group (kNN of each centre).
+        first_conv: channels of the mini-PointNet's first conv pair.
+        second_conv_hidden: hidden channels of its second conv pair.
+        fetch_blocks: blocks whose (normalised) outputs are concatenated into the feature.
+    """
+
+    trans_dim: int = 384
+    depth: int = 12
+    num_heads: int = 6
+    mlp_ratio: float = 4.0
+    num_group: int = 1024
+    group_size: int = 128
+    first_conv: tuple[int, int] = (128, 256)
+    second_conv_hidden: int = 512
+    fetch_blocks: tuple[int, ...] = (3, 7, 11)
+
+    @property
+    def feature_dim(self) -> int:
+        """Width of the per-group feature (1152 for the paper)."""
+        return self.trans_dim * len(self.fetch_blocks)
+
+
+def _batch_norm(bn: nn.BatchNorm1d, x: torch.Tensor, mode: BNMode) -> torch.Tensor:
+    """BatchNorm with the statistics of ``x`` itself (``sample``) or the stored ones (``running``)."""
+    if mode == "sample":  # running statistics are neither used nor updated
+        return F.batch_norm(x, None, None, bn.weight, bn.bias, training=True, eps=bn.eps)
+    return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, training=False, eps=bn.eps)
+
+
+class MiniPointNet(nn.Module):
+    """Token encoder: one feature vector per point group (named ``encoder`` in the state dict)."""
+
+    def __init__(self, out_channels: int, first_conv: tuple[int, int], second_hidden: int) -> None:
+        super().__init__()
+        c1, c2 = first_conv
+        self.first_conv = nn.Sequential(nn.Conv1d(3, c1, 1), nn.BatchNorm1d(c1), nn.ReLU(), nn.Conv1d(c1, c2, 1))
+        self.second_conv = nn.Sequential(
+            nn.Conv1d(2 * c2, second_hidden, 1), nn.BatchNorm1d(second_hidden), nn.ReLU(),
+            nn.Conv1d(second_hidden, out_channels, 1),
+        )
+        self.bn_mode: BNMode = "sample"
+
+    def _run(self, layers: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+        for layer in layers:
+            x = _batch_norm(layer, x, self.bn_mode) if isinstance(layer, nn.BatchNorm1d) else layer(x)
+        return x
+
+    def forward(self, groups: torch.Tensor) -> torch.Tensor:
+        """(G, k, 3) centred point groups of one sample → (G, out_channels) tokens."""
+        n_points = groups.shape[1]
+        feature = self._run(self.first_conv, groups.transpose(1, 2))  # (G, c2, k)
+        global_feature = feature.max(dim=2, keepdim=True).values
+        feature = torch.cat([global_feature.expand(-1, -1, n_points), feature], dim=1)  # global first
+        return self._run(self.second_conv, feature).max(dim=2).values
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a bias-free qkv, computed as softmax((q·scale)·kᵀ)·v."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=False)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) → (B, T, D)."""
+        batch, tokens, dim = x.shape
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(batch, tokens, dim))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block (LayerNorm eps 1e-5)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class TransformerEncoder(nn.Module):
+    """Holds the blocks (state-dict prefix ``blocks.blocks.``); the forward lives in the encoder."""
+
+    def __init__(self, dim: int, depth: int, num_heads: int, mlp_ratio: float) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(dim, num_heads, mlp_ratio) for _ in range(depth))
+
+
+class PointMAEEncoder(nn.Module):
+    """Point-MAE encoder: FPS + kNN grouping, mini-PointNet tokens, a transformer, multi-layer features.
+
+    Args:
+        config: sizes; defaults are the public checkpoint's.
+        bn_mode: ``sample`` (per-sample BatchNorm statistics, the reference's behaviour, default) or
+            ``running`` (the checkpoint's running statistics).
+    """
+
+    def __init__(self, config: PointMAEConfig = PointMAEConfig(), bn_mode: BNMode = "sample") -> None:
+        super().__init__()
+        if bn_mode not in ("sample", "running"):
+            raise ValueError(f"bn_mode must be 'sample' or 'running', got {bn_mode!r}")
+        if max(config.fetch_blocks) >= config.depth:
+            raise ValueError(f"fetch_blocks {config.fetch_blocks} outside a depth of {config.depth}")
+        self.config = config
+        self.encoder = MiniPointNet(config.trans_dim, config.first_conv, config.second_conv_hidden)
+        self.encoder.bn_mode = bn_mode
+        self.pos_embed = nn.Sequential(nn.Linear(3, 128), nn.GELU(), nn.Linear(128, config.trans_dim))
+        self.blocks = TransformerEncoder(config.trans_dim, config.depth, config.num_heads, config.mlp_ratio)
+        self.norm = nn.LayerNorm(config.trans_dim)
+
+    @property
+    def bn_mode(self) -> BNMode:
+        return self.encoder.bn_mode
+
+    def group(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Split one cloud into groups.
+
+        Args:
+            points: (N, 3) valid points of one sample, N >= max(num_group, group_size).
+
+        Returns:
+            (neighbourhoods (G, k, 3) relative to their centre, centres (G, 3)).
+        """
+        n_points = points.shape[0]
+        needed = max(self.config.num_group, self.config.group_size)
+        if n_points < needed:
+            raise ValueError(
+                f"point cloud has {n_points} valid points, fewer than the {needed} that num_group="
+                f"{self.config.num_group} / group_size={self.config.group_size} need"
+            )
+        centres = points[farthest_point_sample(points, self.config.num_group)]
+        neighbourhoods = points[knn_groups(points, centres, self.config.group_size)] - centres[:, None]
+        return neighbourhoods, centres
+
+    def forward(self, neighbourhoods: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+        """Features of one sample's groups.
+
+        Args:
+            neighbourhoods: (G, k, 3) centred groups.
+            centres: (G, 3) group centres.
+
+        Returns:
+            (G, feature_dim): the normalised outputs of ``fetch_blocks`` concatenated along channels.
+        """
+        x = self.encoder(neighbourhoods)[None]  # (1, G, D)
+        pos = self.pos_embed(centres)[None]
+        fetched = []
+        for i, block in enumerate(self.blocks.blocks):
+            x = block(x + pos)  # the positional embedding is added again before every block
+            if i in self.config.fetch_blocks:
+                fetched.append(self.norm(x))
+        return torch.cat(fetched, dim=-1)[0]
+
+
+def convert_pointmae_checkpoint(checkpoint: Mapping[str, object]) -> dict[str, torch.Tensor]:
+    """Encoder state dict from a Point-MAE pre-training checkpoint.
+
+    Takes ``checkpoint["base_model"]`` (or the mapping itself), strips a leading ``module.`` and then
+    ``MAE_encoder.``, and drops the decoder's keys.
+    """
+    state = checkpoint.get("base_model", checkpoint)
+    if not isinstance(state, Mapping):
+        raise WeightsError("checkpoint has no 'base_model' state dict")
+    converted = {}
+    for key, value in state.items():
+        key = key.removeprefix("module.")
+        if key.startswith(_DECODER_PREFIXES):
+            continue
+        converted[key.removeprefix("MAE_encoder.")] = value
+    return converted
+
+
+def load_state_dict_checked(model: nn.Module, state: Mapping[str, torch.Tensor], source: str | Path) -> None:
+    """``load_state_dict(strict=True)`` with one error that lists every missing, unexpected or misshaped key."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    misshaped = [
+        f"{k} {tuple(state[k].shape)} != {tuple(expected[k].shape)}"
+        for k in set(expected) & set(state)
+        if tuple(state[k].shape) != tuple(expected[k].shape)
+    ]
+    if missing or unexpected or misshaped:
+        parts = [
+            f"{label} ({len(keys)}): {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}"
+            for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", sorted(misshaped)))
+            if keys
+        ]
+        raise WeightsError(f"{source}: weights do not fit {type(model).__name__}: " + "; ".join(parts))
+    model.load_state_dict(state, strict=True)
+
+
+def read_checkpoint(path: str | Path) -> Mapping[str, object]:
+    """Load a checkpoint file on the CPU, tensors only when possible."""
+    path = Path(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # pickled non-tensor objects: allowed for the user's own trusted file
+        logger.warning("%s: not loadable with weights_only=True (%s); loading it as a full pickle", path, err)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as err2:
+            raise WeightsError(f"{path}: unreadable checkpoint ({type(err2).__name__}: {err2})") from None
+
+
+def load_pointmae_weights(model: PointMAEEncoder, path: str | Path) -> None:
+    """Load the public Point-MAE pre-training checkpoint (or a compatible one) into ``model``."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(
+            f"Point-MAE weights not found at {path}. Download {POINTMAE_URL} to {DEFAULT_POINTMAE_WEIGHTS} "
+            "(or pass --pointmae_weights FILE); use --random_init only for smoke tests."
+        )
+    load_state_dict_checked(model, convert_pointmae_checkpoint(read_checkpoint(path)), path)

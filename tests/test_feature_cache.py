@@ -1,0 +1,110 @@
+"""The feature cache: exact round trip, no stale reuse, recovery from damaged entries, clear errors."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from networks.features import PRESETS, MultimodalFeatures
+from utils.feature_cache import FeatureCache
+from utils.io import DatasetError
+from utils.mvtec3d import MVTec3DDataset, collate_samples, make_dataloader
+
+IMG_SIZE = PRESETS["tiny"].img_size
+
+
+@pytest.fixture(scope="module")
+def extractor() -> MultimodalFeatures:
+    return MultimodalFeatures("tiny", random_init=True)
+
+
+@pytest.fixture
+def batch(dataset_copy: Path):
+    dataset = MVTec3DDataset(dataset_copy, "dome", "train", img_size=IMG_SIZE)
+    return collate_samples([dataset[0], dataset[1]])
+
+
+def test_round_trip_is_exact(extractor: MultimodalFeatures, batch, tmp_path: Path):
+    fresh = extractor.get_features_maps(batch.rgb, batch.xyz)
+    cache = FeatureCache(extractor, tmp_path / "cache")
+    computed = cache.features(batch)
+    assert (cache.hits, cache.misses) == (0, 4)
+    cached = cache.features(batch)
+    assert (cache.hits, cache.misses) == (4, 4)
+    for a, b, c in zip(fresh, computed, cached):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_changed_configuration_never_reuses_entries(extractor: MultimodalFeatures, batch, tmp_path: Path):
+    FeatureCache(extractor, tmp_path).features(batch)
+    other = MultimodalFeatures("tiny", random_init=True, bn_mode="running")
+    cache = FeatureCache(other, tmp_path)
+    _, f3d = cache.features(batch)
+    assert (cache.hits, cache.misses) == (2, 2), "the 3D entries are recomputed, the unchanged RGB ones reused"
+    assert torch.equal(f3d, other.get_features_maps(batch.rgb, batch.xyz)[1])
+
+
+def test_changed_weights_change_the_fingerprint():
+    a = MultimodalFeatures("tiny", random_init=True, modality="xyz")
+    b = MultimodalFeatures("tiny", random_init=True, modality="xyz")
+    with torch.no_grad():
+        b.xyz_backbone.norm.weight[0] += 1e-3
+    assert a.fingerprint("xyz") != b.fingerprint("xyz")
+
+
+def test_truncated_entry_is_recomputed(extractor, batch, tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    cache = FeatureCache(extractor, tmp_path)
+    expected = cache.features(batch)
+    entry = cache.entry_path("xyz", batch.records[0])
+    entry.write_bytes(entry.read_bytes()[:200])
+    with caplog.at_level(logging.WARNING):
+        again = FeatureCache(extractor, tmp_path)
+        result = again.features(batch)
+    assert "unreadable cache entry" in caplog.text and again.misses == 1
+    assert torch.equal(result[1], expected[1])
+    assert torch.load(entry, weights_only=True)["format"] == 1  # rewritten whole
+
+
+def test_changed_source_file_is_recomputed(extractor, dataset_copy: Path, tmp_path: Path):
+    dataset = MVTec3DDataset(dataset_copy, "dome", "train", img_size=IMG_SIZE)
+    cache = FeatureCache(extractor, tmp_path)
+    before = cache.features(collate_samples([dataset[0]]))[1]
+    path = dataset.records[0].xyz_path
+    xyz = tifffile.imread(path)
+    xyz[..., 2] += 0.01
+    tifffile.imwrite(path, xyz, photometric="rgb")
+    os.utime(path, ns=(1, 1))  # a different mtime even on coarse file systems
+    cache = FeatureCache(extractor, tmp_path)
+    after = cache.features(collate_samples([dataset[0]]))[1]
+    assert cache.misses == 1 and not torch.equal(before, after)
+
+
+def test_precompute_fills_the_cache(extractor, dataset_copy: Path, tmp_path: Path):
+    dataset = MVTec3DDataset(dataset_copy, "dome", "train", img_size=IMG_SIZE)
+    cache = FeatureCache(extractor, tmp_path)
+    cache.precompute(dataset, batch_size=3)
+    assert cache.misses == 2 * len(dataset)
+    for batch in make_dataloader(dataset, batch_size=2):
+        cache.features(batch)
+    assert cache.misses == 2 * len(dataset) and cache.hits == 2 * len(dataset)
+
+
+def test_disabled_cache_computes_every_time(extractor, batch):
+    cache = FeatureCache(extractor, None)
+    cache.features(batch)
+    cache.features(batch)
+    assert cache.misses == 8 and cache.hits == 0
+
+
+def test_cloud_with_too_few_points_names_the_file(extractor, dataset_copy: Path, tmp_path: Path):
+    dataset = MVTec3DDataset(dataset_copy, "dome", "train", img_size=IMG_SIZE)
+    path = dataset.records[1].xyz_path
+    tifffile.imwrite(path, np.zeros_like(tifffile.imread(path)), photometric="rgb")
+    with pytest.raises(DatasetError, match=rf"{path.name}: point cloud has 0 valid points"):
+        FeatureCache(extractor, tmp_path).features(collate_samples([dataset[0], dataset[1]]))

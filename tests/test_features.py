@@ -1,0 +1,245 @@
+"""Frozen extractors: reference parameter names, checkpoint loading, BatchNorm modes, pixel alignment, errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import huggingface_hub
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from timm.models.vision_transformer import VisionTransformer
+
+from networks.features import PRESETS, MultimodalFeatures, build_rgb_backbone
+from networks.point_mae import (
+    POINTMAE_URL, Block, PointMAEConfig, PointMAEEncoder, WeightsError, _batch_norm, load_pointmae_weights,
+)
+from utils.mvtec3d import MVTec3DDataset, collate_samples
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "spec" / "reference_state_dicts.json"
+TINY = PRESETS["tiny"]
+
+
+@pytest.fixture(scope="module")
+def tiny_extractor() -> MultimodalFeatures:
+    return MultimodalFeatures("tiny", random_init=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_batch(synthetic_root: Path):
+    dataset = MVTec3DDataset(synthetic_root, "dome", "test", img_size=TINY.img_size)
+    return collate_samples([dataset[i] for i in (0, 3, 6)])
+
+
+# --- Point-MAE structure and weights ---------------------------------------------------------------------------------
+
+@pytest.mark.skipif(not REFERENCE.is_file(), reason="shared/spec not next to the repository")
+def test_point_mae_state_dict_equals_reference():
+    reference = json.loads(REFERENCE.read_text())["PointMAE_encoder"]
+    encoder = PointMAEEncoder()
+    assert {k: list(v.shape) for k, v in encoder.state_dict().items()} == reference["state_dict"]
+    assert sum(p.numel() for p in encoder.parameters()) == reference["params"]
+
+
+def public_layout_checkpoint(encoder: PointMAEEncoder) -> dict:
+    """A checkpoint laid out like the Point-MAE release's pretrain.pth (DataParallel, MAE encoder + decoder)."""
+    base_model = {f"module.MAE_encoder.{k}": v.clone() for k, v in encoder.state_dict().items()}
+    base_model.update({
+        "module.mask_token": torch.zeros(1, 1, 384),
+        "module.decoder_pos_embed.0.weight": torch.zeros(128, 3),
+        "module.MAE_decoder.blocks.0.norm1.weight": torch.ones(384),
+        "module.increase_dim.0.weight": torch.zeros(96, 384, 1),
+    })
+    return {"base_model": base_model, "epoch": 300, "optimizer": {"state": {}}}
+
+
+def test_public_checkpoint_layout_loads(tmp_path: Path):
+    source = PointMAEEncoder(TINY.xyz)
+    torch.save(public_layout_checkpoint(source), tmp_path / "pretrain.pth")
+    target = PointMAEEncoder(TINY.xyz)
+    load_pointmae_weights(target, tmp_path / "pretrain.pth")
+    for key, value in source.state_dict().items():
+        assert torch.equal(target.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda sd: sd.update({"module.MAE_encoder.cls_token": torch.zeros(1)}), "unexpected.*cls_token"),
+        (lambda sd: sd.pop("module.MAE_encoder.norm.weight"), "missing.*norm.weight"),
+        (lambda sd: sd.update({"module.MAE_encoder.norm.bias": torch.zeros(7)}), "wrong shape.*norm.bias"),
+    ],
+)
+def test_checkpoint_with_wrong_keys_fails_loudly(tmp_path: Path, edit, message: str):
+    checkpoint = public_layout_checkpoint(PointMAEEncoder(TINY.xyz))
+    edit(checkpoint["base_model"])
+    torch.save(checkpoint, tmp_path / "bad.pth")
+    with pytest.raises(WeightsError, match=message):
+        load_pointmae_weights(PointMAEEncoder(TINY.xyz), tmp_path / "bad.pth")
+
+
+def test_missing_pointmae_weights_say_where_to_get_them(tmp_path: Path):
+    with pytest.raises(WeightsError, match=f"{tmp_path / 'nope.pth'}.*{POINTMAE_URL}"):
+        MultimodalFeatures("tiny", random_init=False, modality="xyz", pointmae_weights=tmp_path / "nope.pth")
+
+
+def test_tiny_rgb_without_random_init_is_refused():
+    with pytest.raises(WeightsError, match="--random_init"):
+        MultimodalFeatures("tiny", modality="rgb")
+
+
+def test_paper_rgb_offline_without_file_is_a_clear_error(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # fail at once, no network timeouts
+    with pytest.raises(WeightsError, match="dino_vitbase8_pretrain.pth.*--rgb_weights"):
+        build_rgb_backbone(PRESETS["paper"], random_init=False)
+
+
+@pytest.mark.parametrize("layout", ["timm.pth", "dino_teacher.pth", "timm.safetensors"])
+def test_rgb_weights_file_loads(tmp_path: Path, layout: str):
+    source = VisionTransformer(img_size=64, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=0)
+    state = source.state_dict()
+    path = tmp_path / layout
+    if layout == "timm.safetensors":
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    elif layout == "dino_teacher.pth":
+        torch.save({"teacher": {f"module.backbone.{k}": v for k, v in state.items()}, "epoch": 1}, path)
+    else:
+        torch.save(state, path)
+    model = build_rgb_backbone(TINY, weights=path)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+
+
+def test_random_init_is_seeded_and_private():
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    a = MultimodalFeatures("tiny", random_init=True)
+    assert torch.equal(torch.rand(3), expected_next), "building the extractor must not consume the global RNG"
+    b = MultimodalFeatures("tiny", random_init=True)
+    assert a.fingerprint("rgb") == b.fingerprint("rgb") and a.fingerprint("xyz") == b.fingerprint("xyz")
+    assert a.metadata["random_init"] is True
+
+
+# --- Point-MAE computations ------------------------------------------------------------------------------------------
+
+def test_sample_batch_norm_uses_the_sample_statistics():
+    bn = torch.nn.BatchNorm1d(4)
+    torch.nn.init.normal_(bn.weight)
+    torch.nn.init.normal_(bn.bias)
+    x = torch.randn(6, 4, 5, dtype=torch.float64).float()
+    mean = x.double().mean(dim=(0, 2), keepdim=True)
+    var = x.double().var(dim=(0, 2), unbiased=False, keepdim=True)
+    expected = (x.double() - mean) / torch.sqrt(var + bn.eps) * bn.weight.double()[:, None] + bn.bias.double()[:, None]
+    running_before = bn.running_mean.clone()
+    torch.testing.assert_close(_batch_norm(bn, x, "sample").double(), expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(bn.running_mean, running_before), "running statistics must never be updated"
+    torch.testing.assert_close(_batch_norm(bn, x, "running"), bn.eval()(x))
+
+
+def test_block_matches_the_formula():
+    torch.manual_seed(0)
+    block = Block(dim=12, num_heads=3, mlp_ratio=2.0)
+    x = torch.randn(2, 5, 12)
+    h = F.layer_norm(x, (12,), block.norm1.weight, block.norm1.bias, eps=1e-5)
+    q, k, v = (h @ block.attn.qkv.weight.T).reshape(2, 5, 3, 3, 4).permute(2, 0, 3, 1, 4)
+    attn = torch.softmax((q * 4**-0.5) @ k.transpose(-2, -1), dim=-1)
+    x1 = x + (attn @ v).transpose(1, 2).reshape(2, 5, 12) @ block.attn.proj.weight.T + block.attn.proj.bias
+    h2 = F.layer_norm(x1, (12,), block.norm2.weight, block.norm2.bias, eps=1e-5)
+    expected = x1 + F.linear(F.gelu(F.linear(h2, block.mlp.fc1.weight, block.mlp.fc1.bias)),
+                             block.mlp.fc2.weight, block.mlp.fc2.bias)
+    torch.testing.assert_close(block(x), expected)
+    assert block.attn.qkv.bias is None
+
+
+def test_encoder_fetches_normalised_blocks():
+    config = PointMAEConfig(trans_dim=12, depth=4, num_heads=2, num_group=8, group_size=4, first_conv=(8, 16),
+                            second_conv_hidden=16, fetch_blocks=(1, 3))
+    encoder = _seeded_encoder(config)
+    neighbourhoods, centres = torch.randn(8, 4, 3), torch.randn(8, 3)
+    x = encoder.encoder(neighbourhoods)[None]
+    pos = encoder.pos_embed(centres)[None]
+    outputs = []
+    for block in encoder.blocks.blocks:
+        x = block(x + pos)
+        outputs.append(encoder.norm(x)[0])
+    torch.testing.assert_close(encoder(neighbourhoods, centres), torch.cat([outputs[1], outputs[3]], dim=1))
+    assert config.feature_dim == 24
+
+
+def _seeded_encoder(config: PointMAEConfig) -> PointMAEEncoder:
+    torch.manual_seed(0)
+    return PointMAEEncoder(config)
+
+
+# --- MultimodalFeatures ----------------------------------------------------------------------------------------------
+
+def test_feature_map_shapes(tiny_extractor: MultimodalFeatures, tiny_batch):
+    f2d, f3d = tiny_extractor.get_features_maps(tiny_batch.rgb, tiny_batch.xyz)
+    pixels = TINY.img_size**2
+    assert f2d.shape == (3, pixels, TINY.rgb_dim) and f3d.shape == (3, pixels, TINY.xyz_dim)
+    assert f2d.dtype == f3d.dtype == torch.float32
+    valid = f3d.abs().sum(-1) != 0
+    assert 0.3 < valid.float().mean() < 1.0
+
+
+def test_rgb_features_are_the_upsampled_vit_tokens(tiny_extractor: MultimodalFeatures, tiny_batch):
+    tokens = tiny_extractor.rgb_backbone.forward_features(tiny_batch.rgb)[:, 1:]
+    side = TINY.img_size // TINY.rgb.patch_size
+    grid = tokens.transpose(1, 2).reshape(3, TINY.rgb_dim, side, side)
+    expected = F.interpolate(grid, size=TINY.img_size, mode="bilinear", align_corners=False).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(tiny_extractor.get_features_maps(tiny_batch.rgb, None)[0], expected)
+
+
+def test_batch_gives_the_per_sample_results(tiny_extractor: MultimodalFeatures, tiny_batch):
+    f2d, f3d = tiny_extractor.get_features_maps(tiny_batch.rgb, tiny_batch.xyz)
+    for i in range(3):
+        single_2d, single_3d = tiny_extractor.get_features_maps(tiny_batch.rgb[i : i + 1], tiny_batch.xyz[i : i + 1])
+        assert torch.equal(f3d[i], single_3d[0]), "the 3D branch processes samples independently, bit for bit"
+        torch.testing.assert_close(f2d[i], single_2d[0], rtol=1e-5, atol=1e-5)
+
+
+def test_bn_modes_differ_and_are_in_the_fingerprint(tiny_extractor: MultimodalFeatures, tiny_batch):
+    running = MultimodalFeatures("tiny", random_init=True, bn_mode="running", modality="xyz")
+    assert running.fingerprint("xyz") != tiny_extractor.fingerprint("xyz")
+    assert not torch.equal(running.get_features_maps(None, tiny_batch.xyz)[1],
+                           tiny_extractor.get_features_maps(None, tiny_batch.xyz)[1])
+
+
+def test_single_modality_builds_one_backbone(tiny_batch):
+    rgb_only = MultimodalFeatures("tiny", random_init=True, modality="rgb")
+    assert rgb_only.xyz_backbone is None
+    f2d, f3d = rgb_only.get_features_maps(tiny_batch.rgb, tiny_batch.xyz)
+    assert f2d is not None and f3d is None
+
+
+def test_too_few_valid_points(tiny_extractor: MultimodalFeatures):
+    cloud = torch.zeros(1, 3, TINY.img_size, TINY.img_size)
+    with pytest.raises(ValueError, match="0 valid points, fewer than the 64"):
+        tiny_extractor.extract_xyz_parts(cloud)
+    cloud.view(3, -1)[:, :40] = torch.rand(3, 40) + 0.1
+    with pytest.raises(ValueError, match="40 valid points"):
+        tiny_extractor.extract_xyz_parts(cloud)
+
+
+def test_wrong_input_shape(tiny_extractor: MultimodalFeatures):
+    with pytest.raises(ValueError, match=r"rgb must have shape \(B, 3, 64, 64\)"):
+        tiny_extractor.extract_rgb_parts(torch.zeros(1, 3, 32, 32))
+
+
+def test_unknown_preset_and_modality():
+    with pytest.raises(ValueError, match="unknown preset"):
+        MultimodalFeatures("huge", random_init=True)
+    with pytest.raises(ValueError, match="modality"):
+        MultimodalFeatures("tiny", random_init=True, modality="depth")
+
+
+def test_preset_sizes_are_consistent():
+    for config in PRESETS.values():
+        assert config.img_size % config.rgb.patch_size == 0
+        assert (config.img_size**2) % 32 == 0, "Decoder3D needs S² divisible by 32"
+    paper = PRESETS["paper"]
+    assert (paper.img_size, paper.rgb_dim, paper.xyz_dim) == (224, 768, 1152)
+    assert dataclasses.replace(paper.xyz).num_group == 1024 and paper.xyz.group_size == 128
