@@ -199,6 +199,25 @@ def build_xyz_backbone(
     return model.eval().requires_grad_(False)
 
 
+def foreground_mask(organized_pc: torch.Tensor) -> torch.Tensor:
+    """Pixels whose F3D row is non-zero, computed from the cloud alone (no Point-MAE needed).
+
+    F3D spreads each valid point over its pooling footprint; a pixel receives features iff a valid point lies in
+    its footprint. This is that footprint test: the valid-point indicator through the same AvgPool 3 + adaptive
+    pooling. Used as the foreground of the 2D-only modality when clouds exist.
+
+    Args:
+        organized_pc: (B, 3, S, S).
+
+    Returns:
+        (B, S²) bool.
+    """
+    size = organized_pc.shape[-1]
+    indicator = (organized_pc != 0).all(dim=1, keepdim=True).float()
+    pooled = F.adaptive_avg_pool2d(F.avg_pool2d(indicator, kernel_size=3, stride=1), size)
+    return (pooled > 0).flatten(1)
+
+
 class MultimodalFeatures(nn.Module):
     """The frozen 2D and 3D extractors and the pixel alignment of their features.
 

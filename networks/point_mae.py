@@ -154,6 +154,17 @@ class TransformerEncoder(nn.Module):
         self.blocks = nn.ModuleList(Block(dim, num_heads, mlp_ratio) for _ in range(depth))
 
 
+def _init_weights(module: nn.Module) -> None:
+    """Point-MAE's own initialisation (truncated normal, std 0.02; zero biases), used when no weights are loaded."""
+    if isinstance(module, (nn.Linear, nn.Conv1d)):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, (nn.LayerNorm, nn.BatchNorm1d)):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
 class PointMAEEncoder(nn.Module):
     """Point-MAE encoder: FPS + kNN grouping, mini-PointNet tokens, a transformer, multi-layer features.
 
@@ -175,6 +186,7 @@ class PointMAEEncoder(nn.Module):
         self.pos_embed = nn.Sequential(nn.Linear(3, 128), nn.GELU(), nn.Linear(128, config.trans_dim))
         self.blocks = TransformerEncoder(config.trans_dim, config.depth, config.num_heads, config.mlp_ratio)
         self.norm = nn.LayerNorm(config.trans_dim)
+        self.apply(_init_weights)
 
     @property
     def bn_mode(self) -> BNMode:

@@ -51,13 +51,16 @@ def test_rgb_transform_matches_torchvision_pipeline():
 
 
 @pytest.mark.parametrize("size", [(160, 200), (37, 23), (64, 64)])
-def test_xyz_nearest_resize_matches_floor_index_rule(size: tuple[int, int]):
+def test_xyz_is_zero_padded_then_nearest_resized(size: tuple[int, int]):
     rng = np.random.default_rng(1)
     xyz = rng.normal(size=size + (3,)).astype(np.float32)
+    side = max(size)
+    square = np.zeros((side, side, 3), dtype=np.float32)
+    top, left = (side - size[0]) // 2, (side - size[1]) // 2
+    square[top : top + size[0], left : left + size[1]] = xyz
     out = 56
-    rows = (np.arange(out) * size[0]) // out  # torch "nearest": src = floor(dst * in / out)
-    cols = (np.arange(out) * size[1]) // out
-    expected = torch.from_numpy(xyz[rows][:, cols]).permute(2, 0, 1)
+    index = (np.arange(out) * side) // out  # torch "nearest": src = floor(dst * in / out)
+    expected = torch.from_numpy(square[index][:, index]).permute(2, 0, 1)
     torch.testing.assert_close(xyz_to_tensor(xyz, out), expected, rtol=0, atol=0)
 
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer
 
-from networks.features import PRESETS, MultimodalFeatures, build_rgb_backbone
+from networks.features import PRESETS, MultimodalFeatures, build_rgb_backbone, foreground_mask
 from networks.point_mae import (
     POINTMAE_URL, Block, PointMAEConfig, PointMAEEncoder, WeightsError, _batch_norm, load_pointmae_weights,
 )
@@ -243,3 +243,15 @@ def test_preset_sizes_are_consistent():
     paper = PRESETS["paper"]
     assert (paper.img_size, paper.rgb_dim, paper.xyz_dim) == (224, 768, 1152)
     assert dataclasses.replace(paper.xyz).num_group == 1024 and paper.xyz.group_size == 128
+
+
+def test_foreground_mask_is_the_support_of_f3d(tiny_extractor: MultimodalFeatures, tiny_batch):
+    _, f3d = tiny_extractor.get_features_maps(None, tiny_batch.xyz)
+    assert torch.equal(foreground_mask(tiny_batch.xyz), (f3d != 0).any(dim=-1))
+
+
+def test_random_point_mae_uses_its_own_initialisation():
+    encoder = PointMAEEncoder(TINY.xyz)
+    weight = encoder.blocks.blocks[0].attn.qkv.weight
+    assert 0.015 < weight.std() < 0.025  # trunc_normal(std=0.02), not the much wider PyTorch default
+    assert torch.all(encoder.encoder.first_conv[0].bias == 0)

@@ -2,9 +2,10 @@
 
 * RGB: centred edge-replicate pad to a square, bicubic resize (PIL, as torchvision does for PIL
   images), scale to [0, 1], ImageNet normalisation.
-* Organized point cloud: nearest resize with ``torch.nn.functional.interpolate`` semantics, no
-  padding (the reference resizes the cloud directly; see README "Differences" for the
-  consequence on non-square images).
+* Organized point cloud: centred zero padding to a square (a no-op for background-removed MVTec 3D-AD
+  clouds, which preprocessing already pads to a square), then nearest resize with
+  ``torch.nn.functional.interpolate`` semantics. The reference resizes non-square clouds without padding,
+  which misaligns them with the padded RGB; see README "Differences".
 * Ground truth: centred edge-replicate pad, nearest resize, binary.
 """
 
@@ -19,21 +20,23 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def pad_to_square(array: np.ndarray) -> np.ndarray:
-    """Centre ``array`` in a square of side max(H, W), replicating its edge rows/columns.
+def pad_to_square(array: np.ndarray, mode: str = "edge") -> np.ndarray:
+    """Centre ``array`` in a square of side max(H, W).
 
     Args:
         array: (H, W) or (H, W, C) array.
+        mode: ``edge`` replicates the border rows/columns (images, masks); ``constant`` pads with zeros
+            (point clouds: zero is "no measurement").
 
     Returns:
-        (S, S) or (S, S, C) array with S = max(H, W); the extra row/column of an odd
-        difference goes to the bottom/right.
+        (S, S) or (S, S, C) array with S = max(H, W); the extra row/column of an odd difference goes to the
+        bottom/right.
     """
     height, width = array.shape[:2]
     side = max(height, width)
     top, left = (side - height) // 2, (side - width) // 2
     pad = [(top, side - height - top), (left, side - width - left)] + [(0, 0)] * (array.ndim - 2)
-    return np.pad(array, pad, mode="edge")
+    return np.pad(array, pad, mode=mode)
 
 
 def resize_nearest(array: np.ndarray, size: int) -> torch.Tensor:
@@ -66,9 +69,21 @@ def rgb_to_tensor(rgb: np.ndarray, size: int) -> torch.Tensor:
     return (tensor - mean) / std
 
 
+def denormalize_rgb(tensor: torch.Tensor) -> np.ndarray:
+    """Undo :func:`rgb_to_tensor`'s normalisation for display: (3, S, S) → (S, S, 3) uint8."""
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    image = (tensor.detach().cpu().float() * std + mean).clamp(0, 1)
+    return (image.permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8)
+
+
 def xyz_to_tensor(xyz: np.ndarray, size: int) -> torch.Tensor:
-    """Resize an organized point cloud (H, W, 3) to a (3, size, size) tensor; invalid stays (0, 0, 0)."""
-    return resize_nearest(xyz, size)
+    """Pad an organized point cloud (H, W, 3) with invalid pixels to a centred square and resize it (nearest).
+
+    Returns:
+        (3, size, size) tensor; invalid pixels stay (0, 0, 0).
+    """
+    return resize_nearest(pad_to_square(xyz, mode="constant"), size)
 
 
 def mask_to_tensor(mask: np.ndarray, size: int) -> torch.Tensor:

@@ -1,0 +1,145 @@
+"""Evaluate trained CMDR-IAD checkpoints on the test split, one class at a time (method.md §4).
+
+    python inference.py --dataset_path D --class_names C [C ...|all] [--checkpoint_folder ...] [--epochs_no 50]
+        [--batch_size 1] [--modality rgbxyz|rgb|xyz] [--fusion full|case1..case6|rec_only|map_only]
+        [--results_dir results] [--run_name NAME] [--save_maps] [--eval_resolution input|native]
+        [--preset paper|tiny] [--random_init] [--cache_dir DIR] ...
+
+Writes ``<results_dir>/<run_name>/metrics.json`` (configuration, per-class and mean metrics), ``metrics.md`` and
+``metrics.csv`` (the paper's table layout), ``scores/<class>.csv`` (per-sample image scores and timing) and, with
+``--save_maps``, one PNG panel per test sample under ``maps/<class>/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from networks.cmdr import CMDRIAD
+from networks.features import MultimodalFeatures
+from networks.fusion import FUSION_VARIANTS, normalize_scores
+from utils.checkpoints import CheckpointError, load_modules, versions
+from utils.feature_cache import FeatureCache
+from utils.io import DatasetError, read_mask, write_text_atomic
+from utils.metrics import class_metrics
+from utils.mvtec3d import MVTec3DDataset, make_dataloader, resolve_class_names
+from utils.pipeline import (
+    RunConfig, add_run_arguments, build_extractor, model_identity, parse_run_args, resolve_device, setup_logging,
+    valid_mask, xyz_policy,
+)
+from utils.results import metrics_markdown, write_results
+from utils.transforms import denormalize_rgb, to_native_resolution
+from utils.visualization import save_panel
+
+logger = logging.getLogger("inference")
+
+
+def evaluate_class(class_name: str, config: RunConfig, extractor: MultimodalFeatures, cache: FeatureCache,
+                   fusion: str, eval_resolution: str, run_dir: Path, save_maps: bool) -> dict:
+    """Score the test split of one class and return its metrics dict."""
+    model = CMDRIAD(extractor.config, config.modality)
+    load_modules(model.trainable(), config.checkpoint_dir, class_name, config.epochs_no, config.batch_size,
+                 expected=model_identity(extractor, config.modality))
+    model.to(extractor.device).eval()
+    dataset = MVTec3DDataset(config.dataset_path, class_name, "test", extractor.img_size, xyz_policy(config.modality))
+    device = extractor.device
+
+    records, labels, image_scores, seconds = [], [], [], []
+    gts, aupro_maps, pixel_maps, panels = [], [], [], []
+    for batch in tqdm(make_dataloader(dataset, config.batch_size), desc=f"{class_name} test", unit="batch",
+                      leave=False):
+        start = time.perf_counter()
+        with torch.no_grad():
+            f2d, f3d = cache.features(batch)
+            psi = model.anomaly_map(f2d, f3d, valid_mask(batch, f3d, device), fusion)
+            aupro_map, image_score, pixel_scores = normalize_scores(psi)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        elapsed = (time.perf_counter() - start) / len(batch)
+        for i, record in enumerate(batch.records):
+            records.append(record)
+            labels.append(record.label)
+            image_scores.append(float(image_score[i]))
+            seconds.append(elapsed)
+            maps = (aupro_map[i].cpu().numpy(), pixel_scores[i].cpu().numpy())
+            if eval_resolution == "native":
+                size = batch.original_sizes[i]
+                maps = tuple(to_native_resolution(m, size) for m in maps)
+                gts.append(read_mask(record.gt_path) if record.gt_path else np.zeros(size, dtype=bool))
+            else:
+                gts.append(batch.gt[i, 0].numpy() > 0)
+            aupro_maps.append(maps[0])
+            pixel_maps.append(maps[1])
+            if save_maps:
+                xyz = None if batch.xyz is None else batch.xyz[i].permute(1, 2, 0).numpy()
+                panels.append((record, denormalize_rgb(batch.rgb[i]), xyz, batch.gt[i, 0].numpy() > 0,
+                               aupro_map[i].cpu().numpy()))
+
+    metrics = class_metrics(labels, image_scores, gts, aupro_maps, pixel_maps, seconds=float(np.sum(seconds)))
+    table = io.StringIO()
+    writer = csv.writer(table, lineterminator="\n")
+    writer.writerow(["sample", "label", "image_score", "seconds"])
+    writer.writerows([r.name, l, f"{s:.6g}", f"{t:.4f}"] for r, l, s, t in zip(records, labels, image_scores, seconds))
+    write_text_atomic(run_dir / "scores" / f"{class_name}.csv", table.getvalue())
+    if panels:
+        scale = max(float(np.max(p[4])) for p in panels) or 1.0  # one scale per class: panels are comparable
+        for record, rgb, xyz, gt, heat in panels:
+            path = run_dir / "maps" / class_name / f"{record.defect_type}_{record.stem}.png"
+            title = f"{class_name} {record.name}  score {image_scores[records.index(record)]:.3f}"
+            save_panel(path, rgb, xyz, gt, heat / scale, title)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_run_arguments(parser, training=False)
+    parser.add_argument("--fusion", choices=FUSION_VARIANTS, default="full",
+                        help="fusion of the 2D+3D model: full (Eq. 7), case1..case6 (Eqs. 1-6), rec_only, map_only")
+    parser.add_argument("--results_dir", type=Path, default=Path("results"))
+    parser.add_argument("--run_name", help="default: <modality>_<fusion>_<preset>")
+    parser.add_argument("--save_maps", action="store_true", help="write a heatmap panel per test sample")
+    parser.add_argument("--eval_resolution", choices=("input", "native"), default="input",
+                        help="input: maps and gt at the network size (224, as the paper); native: maps upsampled "
+                             "to each image's size and compared with the original gt (official MVTec protocol)")
+    args = parse_run_args(parser, argv)
+    setup_logging()
+    config = RunConfig.from_args(args)
+    if config.modality != "rgbxyz" and args.fusion != "full":
+        parser.error("--fusion applies to --modality rgbxyz only")
+    run_dir = args.results_dir / (args.run_name or f"{config.modality}_{args.fusion}_{config.preset}")
+    try:
+        device = resolve_device(config.device)
+        class_names = resolve_class_names(config.dataset_path, config.class_names)
+        extractor = build_extractor(config, device)
+        cache = FeatureCache(extractor, config.cache_dir)
+        per_class = {}
+        for class_name in class_names:
+            per_class[class_name] = evaluate_class(class_name, config, extractor, cache, args.fusion,
+                                                   args.eval_resolution, run_dir, args.save_maps)
+            logger.info("%s: I-AUROC %.3f  P-AUROC %.3f  AUPRO@30%% %.3f", class_name,
+                        per_class[class_name]["I-AUROC"], per_class[class_name]["P-AUROC"],
+                        per_class[class_name]["AUPRO@30%"])
+    except (DatasetError, CheckpointError, RuntimeError, ValueError) as err:
+        logger.error("%s", err)
+        return 1
+    run_config = {**config.to_dict(), "fusion": args.fusion, "eval_resolution": args.eval_resolution,
+                  "class_names": class_names, "extractor": extractor.metadata, "versions": versions()}
+    write_results(run_dir, run_config, per_class)
+    print(metrics_markdown(per_class))
+    logger.info("results in %s", run_dir)
+    if args.save_maps:
+        logger.info("heatmap panels in %s", run_dir / "maps")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""The trainable part of CMDR-IAD: two cross-modal mapping MLPs and two reconstruction decoders.
+
+:class:`CMDRIAD` is a pure ``nn.Module``: given frozen features it returns per-module losses (training) and
+distance maps and the fused anomaly map (inference). Optimisers, data and checkpoints live in ``train.py``,
+``inference.py`` and :mod:`utils.checkpoints`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from networks.decoders import Decoder2D, Decoder3D
+from networks.features import ExtractorConfig
+from networks.fusion import fuse, single_modality_map
+from networks.mapping import FeatureMappingMLP
+
+MODULE_NAMES = ("map2Dto3D", "map3Dto2D", "Dec2D", "Dec3D")
+MODALITIES = ("rgbxyz", "rgb", "xyz")
+MODULES_OF_MODALITY = {"rgbxyz": MODULE_NAMES, "rgb": ("Dec2D",), "xyz": ("Dec3D",)}
+# Which features each module reads and which it predicts.
+_INPUT_AND_TARGET = {"map2Dto3D": ("2d", "3d"), "map3Dto2D": ("3d", "2d"), "Dec2D": ("2d", "2d"), "Dec3D": ("3d", "3d")}
+# The distance map each module yields, by the method's names.
+DISTANCE_NAMES = {"map3Dto2D": "d_map2d", "map2Dto3D": "d_map3d", "Dec2D": "d_rec2d", "Dec3D": "d_rec3d"}
+LOSS_EPS = 1e-6
+
+
+def build_module(name: str, config: ExtractorConfig) -> nn.Module:
+    """One trainable module sized for ``config`` (the paper preset gives exactly the reference modules)."""
+    c2, c3, size = config.rgb_dim, config.xyz_dim, config.img_size
+    if name == "map2Dto3D":
+        return FeatureMappingMLP(c2, c3)
+    if name == "map3Dto2D":
+        return FeatureMappingMLP(c3, c2)
+    if name == "Dec2D":  # paper: 8 heads of 48 channels; smaller widths keep the head width, with at least 1 head
+        reduced = c2 // 2
+        return Decoder2D(c2, size, num_heads=max(1, reduced // 48), window_size=128,
+                         conv_channels=(reduced * 2 // 3, reduced // 3))
+    if name == "Dec3D":
+        return Decoder3D(size * size, c3, channels=tuple(c3 * c // 1152 for c in (768, 512, 256, 128)))
+    raise ValueError(f"unknown module {name!r}; choose from {MODULE_NAMES}")
+
+
+def masked_cosine_loss(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """1 − mean over valid pixels (of the whole batch) of cos(prediction, target); F.normalize eps 1e-6.
+
+    Args:
+        prediction, target: (B, P, C).
+        mask: (B, P) bool.
+    """
+    cosine = (F.normalize(prediction, dim=-1, eps=LOSS_EPS) * F.normalize(target, dim=-1, eps=LOSS_EPS)).sum(-1)
+    return 1.0 - cosine[mask].mean()
+
+
+def feature_distance(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """‖a/‖a‖ − b/‖b‖‖₂ per pixel (F.normalize default eps), zero on invalid pixels: (B, P, C) → (B, P)."""
+    distance = torch.linalg.vector_norm(F.normalize(prediction, dim=-1) - F.normalize(target, dim=-1), dim=-1)
+    return distance * mask.to(distance.dtype)
+
+
+class CMDRIAD(nn.Module):
+    """The four trainable modules of CMDR-IAD (only those the modality needs are built).
+
+    Args:
+        config: the frozen extractors' configuration (feature widths and image size).
+        modality: ``rgbxyz`` (all four), ``rgb`` (Dec2D) or ``xyz`` (Dec3D).
+    """
+
+    def __init__(self, config: ExtractorConfig, modality: str = "rgbxyz") -> None:
+        super().__init__()
+        if modality not in MODALITIES:
+            raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
+        self.config = config
+        self.modality = modality
+        self.module_names = MODULES_OF_MODALITY[modality]
+        for name in self.module_names:  # built in a fixed order: initialisation is reproducible for a seed
+            self.add_module(name, build_module(name, config))
+
+    def trainable(self) -> dict[str, nn.Module]:
+        """The built modules by reference name."""
+        return {name: getattr(self, name) for name in self.module_names}
+
+    def _predictions(self, f2d: torch.Tensor | None, f3d: torch.Tensor | None):
+        features = {"2d": f2d, "3d": f3d}
+        for name, module in self.trainable().items():
+            source, target = _INPUT_AND_TARGET[name]
+            yield name, module(features[source]), features[target]
+
+    def losses(self, f2d: torch.Tensor | None, f3d: torch.Tensor | None, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Masked cosine loss of every module.
+
+        Args:
+            f2d: (B, P, C2) or None; f3d: (B, P, C3) or None.
+            mask: (B, P) valid pixels.
+        """
+        return {name: masked_cosine_loss(pred, target, mask) for name, pred, target in self._predictions(f2d, f3d)}
+
+    def distance_maps(
+        self, f2d: torch.Tensor | None, f3d: torch.Tensor | None, mask: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """The distance maps (``d_map2d``, ``d_map3d``, ``d_rec2d``, ``d_rec3d``), each (B, S, S)."""
+        size = self.config.img_size
+        return {
+            DISTANCE_NAMES[name]: feature_distance(pred, target, mask).reshape(-1, size, size)
+            for name, pred, target in self._predictions(f2d, f3d)
+        }
+
+    def anomaly_map(
+        self, f2d: torch.Tensor | None, f3d: torch.Tensor | None, mask: torch.Tensor, variant: str = "full"
+    ) -> torch.Tensor:
+        """The final smoothed anomaly map Ψ (B, S, S) of the modality (``variant`` applies to ``rgbxyz``)."""
+        maps = self.distance_maps(f2d, f3d, mask)
+        valid = mask.reshape(-1, self.config.img_size, self.config.img_size)
+        if self.modality == "rgbxyz":
+            return fuse(maps["d_map2d"], maps["d_map3d"], maps["d_rec2d"], maps["d_rec3d"], valid, variant)
+        distance = maps["d_rec2d"] if self.modality == "rgb" else maps["d_rec3d"]
+        return single_modality_map(distance, valid, self.modality)

@@ -1,0 +1,82 @@
+"""Trainable modules: reference parameter names, shapes and counts; sizes for other presets; forward shapes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from networks.cmdr import CMDRIAD, MODULE_NAMES, MODULES_OF_MODALITY, build_module, masked_cosine_loss
+from networks.decoders import Decoder2D, Decoder3D, WindowAttention
+from networks.features import PRESETS
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "spec" / "reference_state_dicts.json"
+
+
+@pytest.mark.skipif(not REFERENCE.is_file(), reason="shared/spec not next to the repository")
+@pytest.mark.parametrize("name", MODULE_NAMES)
+def test_paper_modules_equal_the_reference(name: str):
+    reference = json.loads(REFERENCE.read_text())[name]
+    module = build_module(name, PRESETS["paper"])
+    assert {k: list(v.shape) for k, v in module.state_dict().items()} == reference["state_dict"]
+    assert sum(p.numel() for p in module.parameters()) == reference["params"]
+
+
+def test_forward_shapes():
+    config = PRESETS["tiny"]  # the paper size uses the same classes; its forward is too slow for the suite
+    pixels = config.img_size**2
+    f2d, f3d = torch.randn(2, pixels, config.rgb_dim), torch.randn(2, pixels, config.xyz_dim)
+    model = CMDRIAD(config).eval()
+    assert model.map2Dto3D(f2d).shape == f3d.shape
+    assert model.map3Dto2D(f3d).shape == f2d.shape
+    assert model.Dec2D(f2d).shape == f2d.shape
+    assert model.Dec3D(f3d).shape == f3d.shape
+
+
+def test_scan_layout_decoder():
+    """The 3D-only scan pipeline's 96×96 layout uses the same class."""
+    decoder = Decoder3D(out_seq_len=9216, feature_dim=1152)
+    assert decoder.projection[0].in_features == 9216 and decoder.projection[0].out_features == 288
+    with pytest.raises(ValueError, match="divisible by 32"):
+        Decoder3D(out_seq_len=100)
+
+
+@pytest.mark.parametrize("modality", sorted(MODULES_OF_MODALITY))
+def test_modality_builds_only_its_modules(modality: str):
+    model = CMDRIAD(PRESETS["tiny"], modality)
+    assert tuple(model.trainable()) == MODULES_OF_MODALITY[modality]
+    assert {name for name, _ in model.named_children()} == set(MODULES_OF_MODALITY[modality])
+
+
+def test_window_attention_is_local_and_pads():
+    """Tokens only attend inside their window of consecutive tokens; a ragged tail is zero-padded."""
+    torch.manual_seed(0)
+    attention = WindowAttention(dim=8, num_heads=2, window_size=4, attn_drop=0.0, proj_drop=0.0).eval()
+    x = torch.randn(1, 10, 8)
+    out = attention(x)
+    changed = x.clone()
+    changed[0, 9] += 1.0  # in the last (padded) window: tokens 8, 9 (+2 zero tokens)
+    diff = (attention(changed) - out).abs().sum(-1)[0]
+    assert out.shape == (1, 10, 8)
+    assert torch.all(diff[:8] == 0) and torch.all(diff[8:] > 0)
+    padded = torch.cat([x, torch.zeros(1, 2, 8)], dim=1)
+    torch.testing.assert_close(attention(padded)[:, :10], out)
+
+
+def test_decoder2d_is_deterministic_in_eval_mode():
+    decoder = Decoder2D(dim=16, img_size=16, num_heads=2, window_size=128, conv_channels=(8, 4)).eval()
+    x = torch.randn(1, 256, 16)
+    assert torch.equal(decoder(x), decoder(x))
+
+
+def test_masked_cosine_loss_matches_definition():
+    torch.manual_seed(1)
+    prediction, target = torch.randn(2, 5, 3), torch.randn(2, 5, 3)
+    mask = torch.tensor([[1, 0, 1, 1, 0], [0, 0, 1, 0, 1]], dtype=torch.bool)
+    cosines = [
+        float(torch.dot(prediction[b, p], target[b, p]) / (prediction[b, p].norm() * target[b, p].norm()))
+        for b in range(2) for p in range(5) if mask[b, p]
+    ]
+    assert masked_cosine_loss(prediction, target, mask).item() == pytest.approx(1 - sum(cosines) / len(cosines))

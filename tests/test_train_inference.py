@@ -1,0 +1,196 @@
+"""train.py → inference.py round trips with the tiny preset: files, contracts, determinism, resume, errors."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import inference
+import train
+from networks.cmdr import MODULES_OF_MODALITY, build_module
+from networks.features import PRESETS
+from utils.checkpoints import CheckpointError, module_path, resume_path, sidecar_path
+from utils.metrics import METRIC_KEYS
+
+EPOCHS = 2
+
+
+def common_args(data: Path, work: Path, modality: str = "rgbxyz") -> list[str]:
+    return [
+        "--dataset_path", str(data), "--preset", "tiny", "--random_init", "--epochs_no", str(EPOCHS),
+        "--modality", modality, "--cache_dir", str(work / "cache"), "--device", "cpu",
+    ]
+
+
+def run_train(data: Path, work: Path, *extra: str, classes=("dome",), modality: str = "rgbxyz") -> int:
+    return train.main([*common_args(data, work, modality), "--class_name", *classes,
+                       "--checkpoint_savepath", str(work / "ckpt"), *extra])
+
+
+def run_inference(data: Path, work: Path, *extra: str, classes=("dome",), modality: str = "rgbxyz") -> int:
+    return inference.main([*common_args(data, work, modality), "--class_names", *classes,
+                           "--checkpoint_folder", str(work / "ckpt"), "--results_dir", str(work / "results"),
+                           "--run_name", "run", *extra])
+
+
+def state_dicts(work: Path, class_name: str = "dome", modality: str = "rgbxyz") -> dict:
+    return {name: torch.load(module_path(work / "ckpt", class_name, name, EPOCHS, 1), weights_only=True)
+            for name in MODULES_OF_MODALITY[modality]}
+
+
+@pytest.fixture(scope="module")
+def trained(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One tiny training run of the dome class, shared by the tests that only read it."""
+    work = tmp_path_factory.mktemp("trained")
+    assert run_train(synthetic_root, work) == 0
+    return work
+
+
+def test_checkpoints_follow_the_contract(trained: Path):
+    for name in MODULES_OF_MODALITY["rgbxyz"]:
+        path = trained / "ckpt" / "dome" / f"{name}_dome_independent_{EPOCHS}ep_1bs.pth"
+        assert path.is_file()
+        module = build_module(name, PRESETS["tiny"])
+        module.load_state_dict(torch.load(path, weights_only=True), strict=True)  # plain state dict, same names
+    sidecar = json.loads(sidecar_path(trained / "ckpt", "dome", EPOCHS, 1).read_text())
+    assert sidecar["modality"] == "rgbxyz" and sidecar["seed"] == 115 and sidecar["extractor"]["random_init"]
+    assert set(sidecar["feature_fingerprints"]) == {"rgb", "xyz"}
+    assert not resume_path(trained / "ckpt", "dome", EPOCHS, 1).exists(), "resume state removed when done"
+    assert not list((trained / "ckpt").rglob("*.tmp")), "no temporary files left behind"
+
+
+def test_inference_writes_results(synthetic_root: Path, trained: Path):
+    assert run_inference(synthetic_root, trained, "--save_maps") == 0
+    run = trained / "results" / "run"
+    document = json.loads((run / "metrics.json").read_text())
+    metrics = document["classes"]["dome"]
+    assert set(METRIC_KEYS) <= set(metrics) and metrics["n_test"] == 8 and metrics["fps"] > 0
+    assert all(0.0 <= metrics[k] <= 1.0 for k in METRIC_KEYS)
+    assert document["config"]["fusion"] == "full" and document["config"]["extractor"]["random_init"]
+    assert (run / "metrics.md").read_text().startswith("| Metric | dome | Mean |")
+    assert (run / "metrics.csv").is_file()
+    assert len((run / "scores" / "dome.csv").read_text().splitlines()) == 1 + 8
+    panels = sorted((run / "maps" / "dome").glob("*.png"))
+    assert len(panels) == 8
+    with Image.open(panels[0]) as panel:
+        assert panel.width == 4 * 224 and panel.height > 224
+
+
+def test_inference_is_deterministic_and_variants_differ(synthetic_root: Path, trained: Path):
+    def metrics(*extra: str) -> dict:
+        assert run_inference(synthetic_root, trained, *extra) == 0
+        document = json.loads((trained / "results" / "run" / "metrics.json").read_text())
+        return {k: document["classes"]["dome"][k] for k in METRIC_KEYS}
+
+    first = metrics()
+    assert metrics() == first
+    assert metrics("--fusion", "case6") != first
+
+
+def test_native_resolution_evaluation(synthetic_root: Path, trained: Path):
+    assert run_inference(synthetic_root, trained, "--eval_resolution", "native") == 0
+    document = json.loads((trained / "results" / "run" / "metrics.json").read_text())
+    assert document["config"]["eval_resolution"] == "native"
+    assert 0.0 <= document["classes"]["dome"]["AUPRO@30%"] <= 1.0
+
+
+def test_training_is_deterministic(synthetic_root: Path, trained: Path, tmp_path: Path):
+    assert run_train(synthetic_root, tmp_path) == 0
+    again, reference = state_dicts(tmp_path), state_dicts(trained)
+    for name in reference:
+        for key in reference[name]:
+            assert torch.equal(again[name][key], reference[name][key]), f"{name}.{key}"
+
+
+def test_resume_continues_an_interrupted_run_exactly(synthetic_root: Path, trained: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch):
+    steps_per_epoch = 4  # n_train of the test dataset, batch size 1
+    original = train.CMDRIAD.losses
+    calls = {"n": 0}
+
+    def interrupted(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > steps_per_epoch + 1:
+            raise KeyboardInterrupt  # killed during the second epoch
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(train.CMDRIAD, "losses", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(synthetic_root, tmp_path)
+    assert resume_path(tmp_path / "ckpt", "dome", EPOCHS, 1).is_file()
+    assert not sidecar_path(tmp_path / "ckpt", "dome", EPOCHS, 1).exists()
+    monkeypatch.setattr(train.CMDRIAD, "losses", original)
+    assert run_train(synthetic_root, tmp_path, "--resume") == 0
+    resumed, reference = state_dicts(tmp_path), state_dicts(trained)
+    for name in reference:
+        for key in reference[name]:
+            assert torch.equal(resumed[name][key], reference[name][key]), f"{name}.{key}"
+
+
+def test_resume_skips_finished_classes(synthetic_root: Path, trained: Path, caplog: pytest.LogCaptureFixture):
+    before = sidecar_path(trained / "ckpt", "dome", EPOCHS, 1).stat().st_mtime_ns
+    with caplog.at_level(logging.INFO):
+        assert run_train(synthetic_root, trained, "--resume") == 0
+    assert "already trained" in caplog.text
+    assert sidecar_path(trained / "ckpt", "dome", EPOCHS, 1).stat().st_mtime_ns == before
+
+
+@pytest.mark.parametrize("modality", ["rgb", "xyz"])
+def test_single_modality_round_trip(synthetic_root: Path, tmp_path: Path, modality: str):
+    assert run_train(synthetic_root, tmp_path, modality=modality) == 0
+    files = sorted(p.name.split("_")[0] for p in (tmp_path / "ckpt" / "dome").glob("*.pth"))
+    assert files == sorted(MODULES_OF_MODALITY[modality])
+    assert run_inference(synthetic_root, tmp_path, modality=modality) == 0
+    document = json.loads((tmp_path / "results" / "run" / "metrics.json").read_text())
+    assert document["config"]["modality"] == modality
+
+
+def test_missing_checkpoint_is_a_clear_error(synthetic_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    with caplog.at_level(logging.ERROR):
+        assert run_inference(synthetic_root, tmp_path) == 1
+    assert "not found" in caplog.text and "map2Dto3D_dome_independent_2ep_1bs.pth" in caplog.text
+
+
+def test_checkpoint_of_another_configuration_is_refused(synthetic_root: Path, trained: Path,
+                                                        caplog: pytest.LogCaptureFixture):
+    with caplog.at_level(logging.ERROR):
+        assert run_inference(synthetic_root, trained, "--bn_mode", "running") == 1
+    assert "belongs to another configuration" in caplog.text and "bn_mode" in caplog.text
+
+
+def test_checkpoints_without_sidecar_load_with_a_warning(synthetic_root: Path, trained: Path, tmp_path: Path,
+                                                         caplog: pytest.LogCaptureFixture):
+    """The authors' released checkpoints have no sidecar: they load, with a warning."""
+    (tmp_path / "ckpt" / "dome").mkdir(parents=True)
+    for path in (trained / "ckpt" / "dome").glob("*.pth"):
+        (tmp_path / "ckpt" / "dome" / path.name).write_bytes(path.read_bytes())
+    with caplog.at_level(logging.WARNING):
+        assert run_inference(synthetic_root, tmp_path) == 0
+    assert "cannot verify" in caplog.text
+
+
+def test_damaged_checkpoint_is_a_clear_error(synthetic_root: Path, trained: Path, tmp_path: Path,
+                                             caplog: pytest.LogCaptureFixture):
+    (tmp_path / "ckpt" / "dome").mkdir(parents=True)
+    for path in (trained / "ckpt" / "dome").iterdir():
+        (tmp_path / "ckpt" / "dome" / path.name).write_bytes(path.read_bytes())
+    target = module_path(tmp_path / "ckpt", "dome", "Dec3D", EPOCHS, 1)
+    target.write_bytes(target.read_bytes()[:100])
+    with caplog.at_level(logging.ERROR):
+        assert run_inference(synthetic_root, tmp_path) == 1
+    assert "unreadable checkpoint" in caplog.text
+
+
+def test_unknown_class(synthetic_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    with caplog.at_level(logging.ERROR):
+        assert run_train(synthetic_root, tmp_path, classes=("bagel",)) == 1
+    assert "bagel not found" in caplog.text
+
+
+def test_checkpoint_error_type_is_exported():
+    assert issubclass(CheckpointError, RuntimeError)

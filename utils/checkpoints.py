@@ -1,0 +1,140 @@
+"""Checkpoints of the trainable modules: the contract's file names, a JSON sidecar, atomic writes, resume state.
+
+Files (overview.md "Checkpoints")::
+
+    <savepath>/<class>/{map2Dto3D,map3Dto2D,Dec2D,Dec3D}_<class>_independent_<E>ep_<B>bs.pth   plain state_dicts
+    <savepath>/<class>/<class>_independent_<E>ep_<B>bs.json                                  sidecar (configuration)
+    <savepath>/<class>/resume_<class>_independent_<E>ep_<B>bs.pth                            while training runs
+
+The module files hold plain state dicts with the reference parameter names, so the authors' checkpoints load
+unchanged (without a sidecar: a warning, as nothing can be verified). The sidecar is written last: a class whose
+sidecar exists has finished training.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import timm
+import torch
+from torch import nn
+
+from networks.point_mae import load_state_dict_checked
+from utils.io import atomic_path, write_text_atomic
+
+logger = logging.getLogger(__name__)
+
+CODE_VERSION = "0.1.0"
+
+
+class CheckpointError(RuntimeError):
+    """Checkpoints are missing, damaged, or belong to another configuration."""
+
+
+def checkpoint_stem(class_name: str, epochs: int, batch_size: int) -> str:
+    return f"{class_name}_independent_{epochs}ep_{batch_size}bs"
+
+
+def module_path(savepath: str | Path, class_name: str, module: str, epochs: int, batch_size: int) -> Path:
+    return Path(savepath) / class_name / f"{module}_{checkpoint_stem(class_name, epochs, batch_size)}.pth"
+
+
+def sidecar_path(savepath: str | Path, class_name: str, epochs: int, batch_size: int) -> Path:
+    return Path(savepath) / class_name / f"{checkpoint_stem(class_name, epochs, batch_size)}.json"
+
+
+def resume_path(savepath: str | Path, class_name: str, epochs: int, batch_size: int) -> Path:
+    return Path(savepath) / class_name / f"resume_{checkpoint_stem(class_name, epochs, batch_size)}.pth"
+
+
+def versions() -> dict[str, str]:
+    return {"cmdr_iad": CODE_VERSION, "python": platform.python_version(), "torch": torch.__version__,
+            "timm": timm.__version__, "numpy": np.__version__}
+
+
+def save_modules(modules: Mapping[str, nn.Module], savepath: str | Path, class_name: str, epochs: int,
+                 batch_size: int, sidecar: Mapping[str, Any]) -> None:
+    """Write every module's state dict, then the sidecar, each atomically."""
+    for name, module in modules.items():
+        with atomic_path(module_path(savepath, class_name, name, epochs, batch_size)) as tmp:
+            torch.save({k: v.detach().cpu() for k, v in module.state_dict().items()}, tmp)
+    text = json.dumps(dict(sidecar), indent=2, sort_keys=True, default=str) + "\n"
+    write_text_atomic(sidecar_path(savepath, class_name, epochs, batch_size), text)
+
+
+def read_sidecar(savepath: str | Path, class_name: str, epochs: int, batch_size: int) -> dict[str, Any] | None:
+    path = sidecar_path(savepath, class_name, epochs, batch_size)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: unreadable sidecar ({err})") from None
+
+
+def _differences(stored: Any, current: Any, path: str) -> list[str]:
+    """Leaf-level differences of two JSON-like values, as 'a.b.c: stored vs current'."""
+    if isinstance(stored, dict) and isinstance(current, dict):
+        return [d for key in sorted(set(stored) | set(current))
+                for d in _differences(stored.get(key), current.get(key), f"{path}.{key}" if path else key)]
+    return [] if stored == current else [f"{path}: checkpoint {stored!r} vs now {current!r}"]
+
+
+def check_compatible(sidecar: Mapping[str, Any], expected: Mapping[str, Any], source: Path) -> None:
+    """Fail with the differing fields when a checkpoint was trained for another configuration."""
+    current = json.loads(json.dumps(dict(expected), default=str))  # tuples become lists, as in the sidecar
+    differences = _differences({k: sidecar.get(k) for k in current}, current, "")
+    if differences:
+        raise CheckpointError(
+            f"{source} belongs to another configuration: " + "; ".join(differences)
+            + ". Train for this configuration, or point --checkpoint_folder at the matching checkpoints."
+        )
+
+
+def load_modules(modules: Mapping[str, nn.Module], savepath: str | Path, class_name: str, epochs: int,
+                 batch_size: int, expected: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Load the state dicts of ``modules`` after checking the sidecar against ``expected``; returns the sidecar."""
+    sidecar = read_sidecar(savepath, class_name, epochs, batch_size)
+    source = sidecar_path(savepath, class_name, epochs, batch_size)
+    if sidecar is None:
+        logger.warning("%s missing: cannot verify that the checkpoints match this configuration", source)
+    else:
+        check_compatible(sidecar, expected, source)
+    for name, module in modules.items():
+        path = module_path(savepath, class_name, name, epochs, batch_size)
+        if not path.is_file():
+            raise CheckpointError(
+                f"checkpoint {path} not found: train it with `python train.py --class_name {class_name} "
+                f"--epochs_no {epochs} --batch_size {batch_size} ...` or pass --checkpoint_folder/--epochs_no/"
+                "--batch_size of an existing run"
+            )
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise CheckpointError(f"{path}: unreadable checkpoint ({type(err).__name__}: {err})") from None
+        try:
+            load_state_dict_checked(module, state, path)
+        except RuntimeError as err:
+            raise CheckpointError(str(err)) from None
+    return sidecar
+
+
+def save_resume_state(path: Path, state: Mapping[str, Any]) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(dict(state), tmp)
+
+
+def load_resume_state(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        logger.warning("%s: unreadable resume state (%s); starting from scratch", path, err)
+        return None

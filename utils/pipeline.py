@@ -1,0 +1,144 @@
+"""What train.py and inference.py share: the run configuration, its command-line options, and setup helpers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from networks.cmdr import MODALITIES
+from networks.features import PRESETS, MultimodalFeatures, foreground_mask
+from utils.mvtec3d import Batch, XyzPolicy
+
+DEFAULT_SEED = 115
+DEFAULT_CHECKPOINTS = Path("checkpoints/CMDR_IAD_checkpoints")
+DEFAULT_CACHE = Path("cache/features")
+
+
+@dataclass
+class RunConfig:
+    """Options common to training and inference (the names of the command-line flags)."""
+
+    dataset_path: Path
+    class_names: list[str] = field(default_factory=lambda: ["all"])
+    modality: str = "rgbxyz"
+    epochs_no: int = 50
+    batch_size: int = 1
+    checkpoint_dir: Path = DEFAULT_CHECKPOINTS
+    preset: str = "paper"
+    rgb_weights: Path | None = None
+    pointmae_weights: Path | None = None
+    random_init: bool = False
+    bn_mode: str = "sample"
+    cache_dir: Path | None = DEFAULT_CACHE
+    device: str = "auto"
+    seed: int = DEFAULT_SEED
+    num_workers: int = 0
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> RunConfig:
+        return cls(**{name: getattr(args, name) for name in cls.__dataclass_fields__})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: (str(v) if isinstance(v, Path) else v) for name, v in vars(self).items()}
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, *, training: bool) -> None:
+    """The options of :class:`RunConfig`; ``training`` picks the contract's spelling of two of them."""
+    class_flags = ("--class_name", "--class_names") if training else ("--class_names", "--class_name")
+    checkpoint_flags = (
+        ("--checkpoint_savepath", "--checkpoint_folder") if training else ("--checkpoint_folder", "--checkpoint_savepath")
+    )
+    parser.add_argument("--dataset_path", type=Path, required=True, help="dataset root in the MVTec 3D-AD layout")
+    parser.add_argument(*class_flags, dest="class_names", nargs="+", default=["all"],
+                        help="class folder name(s), or 'all' for every class under --dataset_path")
+    parser.add_argument("--modality", choices=MODALITIES, default="rgbxyz",
+                        help="rgbxyz: the full 2D+3D model; rgb / xyz: the 2D-only / 3D-only model")
+    parser.add_argument("--epochs_no", type=int, default=50, help="training epochs (inference: of the checkpoint)")
+    parser.add_argument("--batch_size", type=int, default=1)
+    parser.add_argument(*checkpoint_flags, dest="checkpoint_dir", type=Path, default=DEFAULT_CHECKPOINTS,
+                        help="folder holding one sub-folder of checkpoints per class")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="paper",
+                        help="paper: DINO ViT-B/8 + Point-MAE at 224x224; tiny: small random backbones at 64x64")
+    parser.add_argument("--rgb_weights", type=Path, help="ViT weights file (default: the timm hub)")
+    parser.add_argument("--pointmae_weights", type=Path,
+                        help="Point-MAE weights (default: checkpoints/feature_extractors/pointmae_pretrain.pth)")
+    parser.add_argument("--random_init", action="store_true",
+                        help="allow randomly initialised (seeded) backbones where no weights are given: smoke tests")
+    parser.add_argument("--bn_mode", choices=("sample", "running"), default="sample",
+                        help="Point-MAE BatchNorm statistics: per sample (the reference's behaviour) or running")
+    parser.add_argument("--cache_dir", type=Path, default=DEFAULT_CACHE,
+                        help="feature cache folder; 'none' disables the cache")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    parser.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
+
+
+def parse_run_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    args = parser.parse_args(argv)
+    if args.cache_dir is not None and str(args.cache_dir).lower() == "none":
+        args.cache_dir = None
+    if args.epochs_no < 1 or args.batch_size < 1:
+        parser.error("--epochs_no and --batch_size must be at least 1")
+    return args
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda requested but no CUDA device is available")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+
+
+def build_extractor(config: RunConfig, device: torch.device) -> MultimodalFeatures:
+    return MultimodalFeatures(
+        config.preset, random_init=config.random_init, rgb_weights=config.rgb_weights,
+        pointmae_weights=config.pointmae_weights, bn_mode=config.bn_mode, device=device, modality=config.modality,
+    )
+
+
+def xyz_policy(modality: str) -> XyzPolicy:
+    """Point clouds are required by the 3D branches; the 2D-only model uses them (as foreground) when present."""
+    return "optional" if modality == "rgb" else "required"
+
+
+def model_identity(extractor: MultimodalFeatures, modality: str) -> dict[str, Any]:
+    """What a checkpoint must match to be used with these features (stored in and checked against the sidecar)."""
+    branches = [b for b in ("rgb", "xyz") if getattr(extractor, f"{b}_backbone") is not None]
+    identity = {
+        "modality": modality,
+        "extractor_config": extractor.config.to_dict(),
+        "feature_fingerprints": {b: extractor.fingerprint(b) for b in branches},
+    }
+    return json.loads(json.dumps(identity))  # JSON types (lists, not tuples), as stored in sidecars
+
+
+def valid_mask(batch: Batch, f3d: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """(B, P) valid pixels: F3D rows that are not all zero; for the 2D-only model the cloud's foreground, or
+    every pixel when there is no cloud."""
+    if f3d is not None:
+        return (f3d != 0).any(dim=-1)
+    if batch.xyz is not None:
+        return foreground_mask(batch.xyz).to(device)
+    return torch.ones(batch.rgb.shape[0], batch.rgb.shape[-1] ** 2, dtype=torch.bool, device=device)
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
