@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging()
 
-    data = generate_dataset(args.out / "dataset", SyntheticConfig(classes=tuple(args.classes)))
+    # background "none": like MVTec 3D-AD after processing/preprocess_mvtec.py
+    data = generate_dataset(args.out / "dataset", SyntheticConfig(classes=tuple(args.classes), background="none"))
     common = ["--dataset_path", str(data), "--preset", "tiny", "--random_init", "--epochs_no", str(args.epochs_no),
               "--cache_dir", str(args.out / "cache")]
     if train.main([*common, "--class_name", *args.classes,

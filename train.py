@@ -29,7 +29,9 @@ from utils.checkpoints import (
 )
 from utils.feature_cache import FeatureCache
 from utils.io import DatasetError
-from utils.mvtec3d import MVTec3DDataset, make_dataloader, resolve_class_names
+from utils.mvtec3d import (
+    PREPROCESSED_MARKER, MVTec3DDataset, is_background_removed, make_dataloader, resolve_class_names,
+)
 from utils.pipeline import (
     RunConfig, add_run_arguments, build_extractor, model_identity, parse_run_args, resolve_device,
     seed_everything, setup_logging, valid_mask, xyz_policy,
@@ -146,6 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         device = resolve_device(config.device)
         class_names = resolve_class_names(config.dataset_path, config.class_names)
+        if config.modality != "rgb" and not is_background_removed(config.dataset_path):
+            logger.warning("%s looks like raw data (no %s): the clouds still contain the table. Remove it first "
+                           "with `python processing/preprocess_mvtec.py %s --out OUT`", config.dataset_path,
+                           PREPROCESSED_MARKER, config.dataset_path)
         extractor = build_extractor(config, device)
         cache = FeatureCache(extractor, config.cache_dir)
         for class_name in class_names:

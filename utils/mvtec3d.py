@@ -17,6 +17,7 @@ summary; it stops at the first bad file with a message naming it.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections import Counter
@@ -31,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from utils.io import DatasetError, read_mask, read_rgb, read_xyz
+from utils.synthetic import MARKER_FILE as SYNTHETIC_MARKER
 from utils.transforms import mask_to_tensor, rgb_to_tensor, xyz_to_tensor
 
 logger = logging.getLogger(__name__)
@@ -43,6 +45,8 @@ GOOD = "good"
 RGB_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 XYZ_SUFFIXES = (".tiff", ".tif")
 GT_SUFFIXES = (".png",)
+PREPROCESSED_MARKER = "preprocessed.json"
+"""Written by processing/preprocess_mvtec.py into a background-removed dataset."""
 
 XyzPolicy = Literal["required", "optional", "ignored"]
 """How xyz files are treated: ``required`` (every rgb needs a partner), ``optional`` (used when
@@ -126,6 +130,19 @@ class Batch:
             records=self.records,
             original_sizes=self.original_sizes,
         )
+
+
+def is_background_removed(root: str | Path) -> bool:
+    """Whether the clouds under ``root`` had their background removed (preprocessing marker, or synthetic data
+    generated with ``--background none``)."""
+    root = Path(root)
+    if (root / PREPROCESSED_MARKER).is_file():
+        return True
+    synthetic = root / SYNTHETIC_MARKER
+    if synthetic.is_file():
+        classes = json.loads(synthetic.read_text()).get("classes", {})
+        return bool(classes) and all(c.get("background") == "none" for c in classes.values())
+    return False
 
 
 def find_class_names(root: str | Path) -> list[str]:
