@@ -44,6 +44,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from utils.io import DatasetError, atomic_path, read_rgb, read_xyz, write_text_atomic  # noqa: E402
 from utils.mvtec3d import PREPROCESSED_MARKER  # noqa: E402
+from utils.transforms import pad_centred  # noqa: E402
 
 logger = logging.getLogger("preprocess_mvtec")
 
@@ -118,10 +119,7 @@ def ransac_plane(points: np.ndarray, config: BackgroundRemovalConfig, rng: np.ra
 def pad_to_multiple(array: np.ndarray, multiple: int) -> np.ndarray:
     """Zero-pad (H, W[, C]) to a centred square whose side is max(H, W), each rounded up to ``multiple``."""
     height, width = array.shape[:2]
-    side = max(math.ceil(height / multiple), math.ceil(width / multiple)) * multiple
-    top, left = (side - height) // 2, (side - width) // 2
-    pad = [(top, side - height - top), (left, side - width - left)] + [(0, 0)] * (array.ndim - 2)
-    return np.pad(array, pad)
+    return pad_centred(array, max(math.ceil(height / multiple), math.ceil(width / multiple)) * multiple)
 
 
 def dbscan_labels(points: np.ndarray, eps: float, min_samples: int) -> np.ndarray:

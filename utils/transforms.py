@@ -20,23 +20,27 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def pad_to_square(array: np.ndarray, mode: str = "edge") -> np.ndarray:
-    """Centre ``array`` in a square of side max(H, W).
+def centred_offsets(height: int, width: int, side: int) -> tuple[int, int]:
+    """(top, left) of an (height, width) image centred in a side × side square (odd remainders bottom/right)."""
+    return (side - height) // 2, (side - width) // 2
+
+
+def pad_centred(array: np.ndarray, side: int, mode: str = "constant") -> np.ndarray:
+    """Centre ``array`` (H, W[, C]) in a ``side`` × ``side`` square.
 
     Args:
-        array: (H, W) or (H, W, C) array.
         mode: ``edge`` replicates the border rows/columns (images, masks); ``constant`` pads with zeros
             (point clouds: zero is "no measurement").
-
-    Returns:
-        (S, S) or (S, S, C) array with S = max(H, W); the extra row/column of an odd difference goes to the
-        bottom/right.
     """
     height, width = array.shape[:2]
-    side = max(height, width)
-    top, left = (side - height) // 2, (side - width) // 2
+    top, left = centred_offsets(height, width, side)
     pad = [(top, side - height - top), (left, side - width - left)] + [(0, 0)] * (array.ndim - 2)
     return np.pad(array, pad, mode=mode)
+
+
+def pad_to_square(array: np.ndarray, mode: str = "edge") -> np.ndarray:
+    """Centre ``array`` (H, W[, C]) in a square of side max(H, W), by default replicating its edges."""
+    return pad_centred(array, max(array.shape[:2]), mode)
 
 
 def resize_nearest(array: np.ndarray, size: int) -> torch.Tensor:
@@ -105,5 +109,5 @@ def to_native_resolution(score_map: np.ndarray | torch.Tensor, original_size: tu
     side = max(height, width)
     tensor = torch.as_tensor(score_map, dtype=torch.float32).reshape(1, 1, *np.shape(score_map)[-2:])
     square = F.interpolate(tensor, size=(side, side), mode="bilinear", align_corners=False)[0, 0]
-    top, left = (side - height) // 2, (side - width) // 2
+    top, left = centred_offsets(height, width, side)
     return square[top : top + height, left : left + width].numpy()
