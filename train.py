@@ -30,7 +30,7 @@ from utils.checkpoints import (
 from utils.feature_cache import FeatureCache
 from utils.io import DatasetError
 from utils.mvtec3d import (
-    PREPROCESSED_MARKER, MVTec3DDataset, is_background_removed, make_dataloader, resolve_class_names,
+    PREPROCESSED_MARKER, Batch, MVTec3DDataset, is_background_removed, make_dataloader, resolve_class_names,
 )
 from utils.pipeline import (
     RunConfig, add_run_arguments, build_extractor, model_identity, parse_run_args, resolve_device,
@@ -41,6 +41,27 @@ logger = logging.getLogger("train")
 
 LEARNING_RATE = 1e-3
 BETAS = (0.9, 0.999)
+
+
+def optimisation_step(model: CMDRIAD, optimizers: dict[str, torch.optim.Optimizer], cache: FeatureCache,
+                      batch: Batch) -> dict[str, float | None]:
+    """One step of every module on ``batch``; returns each module's loss (None: not finite, step skipped)."""
+    f2d, f3d = cache.features(batch)
+    losses = model.losses(f2d, f3d, valid_mask(batch, f3d, cache.extractor.device))
+    finite = {name: loss for name, loss in losses.items() if torch.isfinite(loss)}
+    for optimizer in optimizers.values():
+        optimizer.zero_grad(set_to_none=True)
+    if finite:  # the modules are disjoint: one backward gives each module the gradient of its own loss
+        sum(finite.values()).backward()
+    for name in finite:
+        optimizers[name].step()
+    return {name: losses[name].item() if name in finite else None for name in losses}
+
+
+def make_optimizers(model: CMDRIAD) -> dict[str, torch.optim.Optimizer]:
+    """One Adam optimiser per module (lr 1e-3, betas 0.9/0.999, no weight decay)."""
+    return {name: torch.optim.Adam(module.parameters(), lr=LEARNING_RATE, betas=BETAS, weight_decay=0.0)
+            for name, module in model.trainable().items()}
 
 
 def train_class(class_name: str, config: RunConfig, extractor: MultimodalFeatures, cache: FeatureCache,
@@ -57,12 +78,8 @@ def train_class(class_name: str, config: RunConfig, extractor: MultimodalFeature
     cache.precompute(dataset, config.batch_size)  # features once, before the epochs
 
     seed_everything(config.seed)
-    device = extractor.device
-    model = CMDRIAD(extractor.config, config.modality).to(device).train()
-    optimizers = {
-        name: torch.optim.Adam(module.parameters(), lr=LEARNING_RATE, betas=BETAS, weight_decay=0.0)
-        for name, module in model.trainable().items()
-    }
+    model = CMDRIAD(extractor.config, config.modality).to(extractor.device).train()
+    optimizers = make_optimizers(model)
     loader = make_dataloader(dataset, config.batch_size, shuffle=True, seed=config.seed,
                              num_workers=config.num_workers)
     start_epoch = 0
@@ -87,19 +104,13 @@ def train_class(class_name: str, config: RunConfig, extractor: MultimodalFeature
         skipped: dict[str, int] = defaultdict(int)
         progress = tqdm(loader, desc=f"{class_name} epoch {epoch + 1}/{config.epochs_no}", unit="batch", leave=False)
         for batch in progress:
-            f2d, f3d = cache.features(batch)
-            losses = model.losses(f2d, f3d, valid_mask(batch, f3d, device))
-            finite = {name: loss for name, loss in losses.items() if torch.isfinite(loss)}
-            for name in losses.keys() - finite.keys():
-                skipped[name] += 1
-            for optimizer in optimizers.values():
-                optimizer.zero_grad(set_to_none=True)
-            if finite:  # the modules are disjoint: one backward gives each module the gradient of its own loss
-                sum(finite.values()).backward()
-            for name, loss in finite.items():
-                optimizers[name].step()
-                totals[name] += loss.item()
-                steps[name] += 1
+            losses = optimisation_step(model, optimizers, cache, batch)
+            for name, loss in losses.items():
+                if loss is None:
+                    skipped[name] += 1
+                else:
+                    totals[name] += loss
+                    steps[name] += 1
             progress.set_postfix({name: f"{totals[name] / max(steps[name], 1):.4f}" for name in losses})
         for name, count in skipped.items():
             logger.warning("%s epoch %d: %s skipped %d step(s) with a non-finite loss", class_name, epoch + 1, name,

@@ -1,0 +1,139 @@
+"""Speed and memory of CMDR-IAD as the paper's Table 4 measures them, and the cost of a training epoch.
+
+    python benchmark.py --preset tiny|paper [--random_init] [--device cpu|cuda] [--out FILE]
+        [--dataset_path D --class_name C] [--rgb_weights F] [--pointmae_weights F]
+
+* ``fps``: inference as the paper measures it — the whole pipeline from loading a test sample to its scores
+  (read and transform the files, both frozen extractors without cache, the four modules, fusion, normalisation),
+  one sample at a time, CUDA synchronised before every clock reading, averaged over the test set after one
+  warm-up sample.
+* ``peak_memory_mb``: CUDA — the allocator's peak during inference; CPU — the process's peak resident memory.
+* ``train_epoch_seconds_cached`` / ``_uncached``: one training epoch (batch size 1) reading features from the cache /
+  computing them at every step.
+* ``stages``: mean seconds per sample of each inference stage.
+
+Without ``--dataset_path`` a small synthetic class (8 train, 8 test samples of 400×400) is generated in a temporary
+folder. The numbers are printed and, with ``--out``, written as JSON. Module weights are random (untrained): speed
+does not depend on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from networks.cmdr import CMDRIAD
+from networks.features import MultimodalFeatures
+from networks.fusion import normalize_scores
+from train import make_optimizers, optimisation_step
+from utils.feature_cache import FeatureCache
+from utils.io import write_text_atomic
+from utils.mvtec3d import MVTec3DDataset, collate_samples, make_dataloader
+from utils.pipeline import resolve_device, seed_everything, setup_logging, valid_mask
+from utils.synthetic import SyntheticConfig, generate_dataset
+
+
+def _clock(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def inference_speed(extractor: MultimodalFeatures, model: CMDRIAD, dataset: MVTec3DDataset) -> dict:
+    """Whole-pipeline seconds per test sample, per stage and in total (after one warm-up sample)."""
+    device = extractor.device
+    stages: dict[str, list[float]] = defaultdict(list)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for index in range(len(dataset)):
+        start = _clock(device)
+        batch = collate_samples([dataset[index]])
+        loaded = _clock(device)
+        with torch.no_grad():
+            f2d, f3d = extractor.get_features_maps(batch.rgb.to(device), batch.xyz.to(device))
+            extracted = _clock(device)
+            psi = model.anomaly_map(f2d, f3d, valid_mask(batch, f3d, device))
+            scored = _clock(device)
+            normalize_scores(psi)
+        done = _clock(device)
+        if index == 0:
+            continue  # warm-up
+        for name, seconds in (("load", loaded - start), ("features", extracted - loaded),
+                              ("modules + fusion", scored - extracted), ("normalisation", done - scored),
+                              ("total", done - start)):
+            stages[name].append(seconds)
+    means = {name: sum(values) / len(values) for name, values in stages.items()}
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"fps": 1.0 / means["total"], "peak_memory_mb": peak, "stages": means}
+
+
+def epoch_seconds(extractor: MultimodalFeatures, dataset: MVTec3DDataset, cache_dir: Path | None) -> float:
+    """Seconds of one training epoch (batch size 1); with a cache directory the cache is filled beforehand."""
+    cache = FeatureCache(extractor, cache_dir)
+    cache.precompute(dataset)
+    model = CMDRIAD(extractor.config).to(extractor.device).train()
+    optimizers = make_optimizers(model)
+    start = _clock(extractor.device)
+    for batch in make_dataloader(dataset, 1, shuffle=True):
+        optimisation_step(model, optimizers, cache, batch)
+    return _clock(extractor.device) - start
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=("paper", "tiny"), default="paper")
+    parser.add_argument("--random_init", action="store_true")
+    parser.add_argument("--rgb_weights", type=Path)
+    parser.add_argument("--pointmae_weights", type=Path)
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--dataset_path", type=Path)
+    parser.add_argument("--class_name")
+    parser.add_argument("--out", type=Path, help="JSON file for the results")
+    args = parser.parse_args(argv)
+    setup_logging()
+    seed_everything(115)
+    device = resolve_device(args.device)
+    extractor = MultimodalFeatures(args.preset, random_init=args.random_init, rgb_weights=args.rgb_weights,
+                                   pointmae_weights=args.pointmae_weights, device=device)
+    model = CMDRIAD(extractor.config).to(device).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        root, class_name = args.dataset_path, args.class_name
+        if root is None:
+            config = SyntheticConfig(classes=("dome",), n_train=8, n_val=0, n_test=8, size=(400, 400),
+                                     background="none")
+            root, class_name = generate_dataset(Path(tmp) / "data", config), "dome"
+        test = MVTec3DDataset(root, class_name, "test", extractor.img_size)
+        train = MVTec3DDataset(root, class_name, "train", extractor.img_size)
+        results = {
+            "preset": args.preset, "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "dataset": str(args.dataset_path or "synthetic"), "class_name": class_name, "n_test": len(test),
+            **inference_speed(extractor, model, test),
+            "train_epoch_seconds_cached": epoch_seconds(extractor, train, Path(tmp) / "cache"),
+            "train_epoch_seconds_uncached": epoch_seconds(extractor, train, None),
+            "n_train": len(train),
+        }
+    print(f"preset {args.preset} on {results['device_name']}: {results['fps']:.2f} FPS, "
+          f"peak memory {results['peak_memory_mb']:.0f} MB")
+    for name, seconds in results["stages"].items():
+        print(f"  {name:<18} {1000 * seconds:9.1f} ms/sample")
+    print(f"  training epoch ({results['n_train']} samples): {results['train_epoch_seconds_cached']:.2f} s cached, "
+          f"{results['train_epoch_seconds_uncached']:.2f} s uncached")
+    if args.out:
+        write_text_atomic(args.out, json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
