@@ -7,7 +7,7 @@
 
 Writes ``<results_dir>/<run_name>/metrics.json`` (configuration, per-class and mean metrics), ``metrics.md`` and
 ``metrics.csv`` (the paper's table layout), ``scores/<class>.csv`` (per-sample image scores and timing) and, with
-``--save_maps``, one PNG panel per test sample under ``maps/<class>/``.
+``--save_maps``, one PNG panel per test sample under ``maps/<class>/`` (``--save_raw_maps``: the maps as .npy).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from networks.features import MultimodalFeatures
 from networks.fusion import FUSION_VARIANTS, normalize_scores
 from utils.checkpoints import CheckpointError, load_modules, versions
 from utils.feature_cache import FeatureCache
-from utils.io import DatasetError, read_mask, write_text_atomic
+from utils.io import DatasetError, atomic_path, read_mask, write_text_atomic
 from utils.metrics import class_metrics
 from utils.mvtec3d import MVTec3DDataset, make_dataloader, resolve_class_names
 from utils.pipeline import (
@@ -44,7 +44,8 @@ logger = logging.getLogger("inference")
 
 
 def evaluate_class(class_name: str, config: RunConfig, extractor: MultimodalFeatures, cache: FeatureCache,
-                   fusion: str, eval_resolution: str, run_dir: Path, save_maps: bool) -> dict:
+                   fusion: str, eval_resolution: str, run_dir: Path, save_maps: bool = False,
+                   save_raw_maps: bool = False) -> dict:
     """Score the test split of one class and return its metrics dict."""
     model = CMDRIAD(extractor.config, config.modality)
     load_modules(model.trainable(), config.checkpoint_dir, class_name, config.epochs_no, config.batch_size,
@@ -82,7 +83,11 @@ def evaluate_class(class_name: str, config: RunConfig, extractor: MultimodalFeat
             if save_maps:
                 xyz = None if batch.xyz is None else batch.xyz[i].permute(1, 2, 0).numpy()
                 panels.append((record, denormalize_rgb(batch.rgb[i]), xyz, batch.gt[i, 0].numpy() > 0,
-                               aupro_map[i].cpu().numpy()))
+                               aupro_map[i].cpu().numpy(), image_scores[-1]))
+            if save_raw_maps:  # the map for AUPRO at the network size, e.g. for scripts/make_figures.py
+                with atomic_path(run_dir / "maps" / class_name / f"{record.defect_type}_{record.stem}.npy") as tmp:
+                    with tmp.open("wb") as handle:
+                        np.save(handle, aupro_map[i].cpu().numpy().astype(np.float32))
 
     metrics = class_metrics(labels, image_scores, gts, aupro_maps, pixel_maps, seconds=float(np.sum(seconds)))
     table = io.StringIO()
@@ -92,9 +97,9 @@ def evaluate_class(class_name: str, config: RunConfig, extractor: MultimodalFeat
     write_text_atomic(run_dir / "scores" / f"{class_name}.csv", table.getvalue())
     if panels:
         scale = max(float(np.max(p[4])) for p in panels) or 1.0  # one scale per class: panels are comparable
-        for record, rgb, xyz, gt, heat in panels:
+        for record, rgb, xyz, gt, heat, score in panels:
             path = run_dir / "maps" / class_name / f"{record.defect_type}_{record.stem}.png"
-            title = f"{class_name} {record.name}  score {image_scores[records.index(record)]:.3f}"
+            title = f"{class_name} {record.name}  score {score:.3f}"
             save_panel(path, rgb, xyz, gt, heat / scale, title)
     return metrics
 
@@ -107,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results_dir", type=Path, default=Path("results"))
     parser.add_argument("--run_name", help="default: <modality>_<fusion>_<preset>")
     parser.add_argument("--save_maps", action="store_true", help="write a heatmap panel per test sample")
+    parser.add_argument("--save_raw_maps", action="store_true",
+                        help="also write each sample's anomaly map as .npy (input for scripts/make_figures.py)")
     parser.add_argument("--eval_resolution", choices=("input", "native"), default="input",
                         help="input: maps and gt at the network size (224, as the paper); native: maps upsampled "
                              "to each image's size and compared with the original gt (official MVTec protocol)")
@@ -124,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         per_class = {}
         for class_name in class_names:
             per_class[class_name] = evaluate_class(class_name, config, extractor, cache, args.fusion,
-                                                   args.eval_resolution, run_dir, args.save_maps)
+                                                   args.eval_resolution, run_dir, args.save_maps, args.save_raw_maps)
             logger.info("%s: I-AUROC %.3f  P-AUROC %.3f  AUPRO@30%% %.3f", class_name,
                         per_class[class_name]["I-AUROC"], per_class[class_name]["P-AUROC"],
                         per_class[class_name]["AUPRO@30%"])

@@ -56,6 +56,22 @@ def _tile(image: np.ndarray, size: int) -> Image.Image:
     return tile if tile.size == (size, size) else tile.resize((size, size), Image.NEAREST)
 
 
+def save_tiles(path: str | Path, rows: list[list[np.ndarray]], labels: list[str], title: str = "") -> None:
+    """Write a PNG grid of equally sized (S, S, 3) uint8 tiles, labelled per column, atomically."""
+    size = max(TILE, rows[0][0].shape[0])
+    header = 18 if title else 0
+    grid = Image.new("RGB", (size * len(labels), size * len(rows) + header), "white")
+    draw = ImageDraw.Draw(grid)
+    for r, tiles in enumerate(rows):
+        for c, tile in enumerate(tiles):
+            grid.paste(_tile(tile, size), (c * size, header + r * size))
+            draw.text((c * size + 4, header + r * size + 3), labels[c], fill="white")
+    if title:
+        draw.text((4, 3), title, fill="black")
+    with atomic_path(path) as tmp:
+        grid.save(tmp, format="PNG")
+
+
 def save_panel(path: str | Path, rgb: np.ndarray, xyz: np.ndarray | None, gt: np.ndarray, heat: np.ndarray,
                title: str) -> None:
     """Write a PNG panel: RGB | depth | RGB with gt outline | heat overlay with gt outline.
@@ -67,16 +83,6 @@ def save_panel(path: str | Path, rgb: np.ndarray, xyz: np.ndarray | None, gt: np
         heat: (S, S) anomaly map scaled to [0, 1].
         title: text above the panel.
     """
-    size = max(TILE, rgb.shape[0])
     tiles = [rgb, depth_image(xyz) if xyz is not None else np.zeros_like(rgb), with_contour(rgb, gt),
              with_contour(overlay(rgb, heat), gt, (255, 255, 255))]
-    header = 18
-    panel = Image.new("RGB", (size * len(tiles), size + header), "white")
-    for i, tile in enumerate(tiles):
-        panel.paste(_tile(tile, size), (i * size, header))
-    draw = ImageDraw.Draw(panel)
-    draw.text((4, 3), title, fill="black")
-    for i, label in enumerate(("RGB", "depth", "ground truth", "anomaly map")):
-        draw.text((i * size + 4, header + 3), label, fill="white")
-    with atomic_path(path) as tmp:
-        panel.save(tmp, format="PNG")
+    save_tiles(path, [tiles], ["RGB", "depth", "ground truth", "anomaly map"], title)
