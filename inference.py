@@ -25,16 +25,15 @@ import torch
 from tqdm import tqdm
 
 from networks.cmdr import CMDRIAD
-from networks.features import MultimodalFeatures
 from networks.fusion import FUSION_VARIANTS, normalize_scores
 from utils.checkpoints import CheckpointError, load_modules, versions
 from utils.feature_cache import FeatureCache
 from utils.io import DatasetError, atomic_path, read_mask, write_text_atomic
 from utils.metrics import class_metrics
-from utils.mvtec3d import MVTec3DDataset, make_dataloader, resolve_class_names
+from utils.mvtec3d import MVTec3DDataset, make_dataloader
 from utils.pipeline import (
-    RunConfig, add_run_arguments, build_extractor, model_identity, parse_run_args, resolve_device, setup_logging,
-    valid_mask, xyz_policy,
+    RunConfig, add_run_arguments, model_identity, parse_run_args, prepare_run, setup_logging, valid_mask,
+    xyz_policy,
 )
 from utils.results import metrics_markdown, write_results
 from utils.transforms import denormalize_rgb, to_native_resolution
@@ -43,10 +42,10 @@ from utils.visualization import save_panel
 logger = logging.getLogger("inference")
 
 
-def evaluate_class(class_name: str, config: RunConfig, extractor: MultimodalFeatures, cache: FeatureCache,
-                   fusion: str, eval_resolution: str, run_dir: Path, save_maps: bool = False,
-                   save_raw_maps: bool = False) -> dict:
+def evaluate_class(class_name: str, config: RunConfig, cache: FeatureCache, fusion: str, eval_resolution: str,
+                   run_dir: Path, save_maps: bool = False, save_raw_maps: bool = False) -> dict:
     """Score the test split of one class and return its metrics dict."""
+    extractor = cache.extractor
     model = CMDRIAD(extractor.config, config.modality)
     load_modules(model.trainable(), config.checkpoint_dir, class_name, config.epochs_no, config.batch_size,
                  expected=model_identity(extractor, config.modality))
@@ -124,14 +123,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--fusion applies to --modality rgbxyz only")
     run_dir = args.results_dir / (args.run_name or f"{config.modality}_{args.fusion}_{config.preset}")
     try:
-        device = resolve_device(config.device)
-        class_names = resolve_class_names(config.dataset_path, config.class_names)
-        extractor = build_extractor(config, device)
-        cache = FeatureCache(extractor, config.cache_dir)
+        class_names, cache = prepare_run(config)
+        extractor = cache.extractor
         per_class = {}
         for class_name in class_names:
-            per_class[class_name] = evaluate_class(class_name, config, extractor, cache, args.fusion,
-                                                   args.eval_resolution, run_dir, args.save_maps, args.save_raw_maps)
+            per_class[class_name] = evaluate_class(class_name, config, cache, args.fusion, args.eval_resolution,
+                                                   run_dir, args.save_maps, args.save_raw_maps)
             logger.info("%s: I-AUROC %.3f  P-AUROC %.3f  AUPRO@30%% %.3f", class_name,
                         per_class[class_name]["I-AUROC"], per_class[class_name]["P-AUROC"],
                         per_class[class_name]["AUPRO@30%"])

@@ -22,19 +22,16 @@ import torch
 from tqdm import tqdm
 
 from networks.cmdr import CMDRIAD
-from networks.features import MultimodalFeatures
 from utils.checkpoints import (
     CheckpointError, check_compatible, load_resume_state, read_sidecar, resume_path, save_modules,
     save_resume_state, sidecar_path, versions,
 )
 from utils.feature_cache import FeatureCache
 from utils.io import DatasetError
-from utils.mvtec3d import (
-    PREPROCESSED_MARKER, Batch, MVTec3DDataset, is_background_removed, make_dataloader, resolve_class_names,
-)
+from utils.mvtec3d import Batch, MVTec3DDataset, make_dataloader
 from utils.pipeline import (
-    RunConfig, add_run_arguments, build_extractor, model_identity, parse_run_args, resolve_device,
-    seed_everything, setup_logging, valid_mask, xyz_policy,
+    RunConfig, add_run_arguments, model_identity, parse_run_args, prepare_run, seed_everything, setup_logging,
+    valid_mask, xyz_policy,
 )
 
 logger = logging.getLogger("train")
@@ -64,9 +61,10 @@ def make_optimizers(model: CMDRIAD) -> dict[str, torch.optim.Optimizer]:
             for name, module in model.trainable().items()}
 
 
-def train_class(class_name: str, config: RunConfig, extractor: MultimodalFeatures, cache: FeatureCache,
-                resume: bool = False) -> dict[str, float] | None:
+def train_class(class_name: str, config: RunConfig, cache: FeatureCache, resume: bool = False
+                ) -> dict[str, float] | None:
     """Train the modules of one class and write their checkpoints; returns the last epoch's mean losses."""
+    extractor = cache.extractor
     identity = model_identity(extractor, config.modality)
     args = (config.checkpoint_dir, class_name, config.epochs_no, config.batch_size)
     if resume and (sidecar := read_sidecar(*args)) is not None:
@@ -157,16 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     config = RunConfig.from_args(args)
     try:
-        device = resolve_device(config.device)
-        class_names = resolve_class_names(config.dataset_path, config.class_names)
-        if config.modality != "rgb" and not is_background_removed(config.dataset_path):
-            logger.warning("%s looks like raw data (no %s): the clouds still contain the table. Remove it first "
-                           "with `python processing/preprocess_mvtec.py %s --out OUT`", config.dataset_path,
-                           PREPROCESSED_MARKER, config.dataset_path)
-        extractor = build_extractor(config, device)
-        cache = FeatureCache(extractor, config.cache_dir)
+        class_names, cache = prepare_run(config)
         for class_name in class_names:
-            train_class(class_name, config, extractor, cache, resume=args.resume)
+            train_class(class_name, config, cache, resume=args.resume)
     except (DatasetError, CheckpointError, RuntimeError, ValueError) as err:
         logger.error("%s", err)
         return 1

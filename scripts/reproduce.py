@@ -26,11 +26,9 @@ from inference import evaluate_class  # noqa: E402
 from networks.fusion import FUSION_VARIANTS  # noqa: E402
 from train import train_class  # noqa: E402
 from utils.checkpoints import CheckpointError, versions  # noqa: E402
-from utils.feature_cache import FeatureCache  # noqa: E402
 from utils.io import DatasetError, write_text_atomic  # noqa: E402
-from utils.mvtec3d import resolve_class_names  # noqa: E402
 from utils.pipeline import (  # noqa: E402
-    RunConfig, add_run_arguments, build_extractor, parse_run_args, resolve_device, setup_logging,
+    RunConfig, add_run_arguments, parse_run_args, prepare_run, setup_logging,
 )
 from utils.results import write_results  # noqa: E402
 
@@ -51,10 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = args.results_dir / (args.run_name or f"{config.modality}_{args.fusion}_{config.preset}_seed{config.seed}")
     run_config = {**config.to_dict(), "fusion": args.fusion, "eval_resolution": args.eval_resolution}
     try:
-        device = resolve_device(config.device)
-        class_names = resolve_class_names(config.dataset_path, config.class_names)
-        extractor = build_extractor(config, device)
-        cache = FeatureCache(extractor, config.cache_dir)
+        class_names, cache = prepare_run(config)
+        extractor = cache.extractor
         per_class = {}
         for position, class_name in enumerate(class_names, 1):
             done = run_dir / "classes" / f"{class_name}.json"
@@ -63,8 +59,8 @@ def main(argv: list[str] | None = None) -> int:
                 logger.info("[%d/%d] %s: done earlier, skipped", position, len(class_names), class_name)
                 continue
             start = time.perf_counter()
-            train_class(class_name, config, extractor, cache, resume=True)
-            metrics = evaluate_class(class_name, config, extractor, cache, args.fusion, args.eval_resolution,
+            train_class(class_name, config, cache, resume=True)
+            metrics = evaluate_class(class_name, config, cache, args.fusion, args.eval_resolution,
                                      run_dir, save_raw_maps=args.save_raw_maps)
             write_text_atomic(done, json.dumps({"config": run_config, "metrics": metrics}, indent=2) + "\n")
             per_class[class_name] = metrics

@@ -15,7 +15,10 @@ import torch
 
 from networks.cmdr import MODALITIES
 from networks.features import PRESETS, MultimodalFeatures, foreground_mask
-from utils.mvtec3d import Batch, XyzPolicy
+from utils.feature_cache import FeatureCache
+from utils.mvtec3d import PREPROCESSED_MARKER, Batch, XyzPolicy, is_background_removed, resolve_class_names
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_SEED = 115
 DEFAULT_CHECKPOINTS = Path("checkpoints/CMDR_IAD_checkpoints")
@@ -106,11 +109,23 @@ def seed_everything(seed: int) -> None:
     torch.cuda.manual_seed_all(seed)
 
 
-def build_extractor(config: RunConfig, device: torch.device) -> MultimodalFeatures:
-    return MultimodalFeatures(
+def prepare_run(config: RunConfig) -> tuple[list[str], FeatureCache]:
+    """The classes to process and the feature cache (with its extractor) of a run; warns about raw data.
+
+    Raises:
+        DatasetError: missing dataset or classes. RuntimeError/ValueError: device, weights or settings.
+    """
+    device = resolve_device(config.device)
+    class_names = resolve_class_names(config.dataset_path, config.class_names)
+    if config.modality != "rgb" and not is_background_removed(config.dataset_path):
+        logger.warning("%s looks like raw data (no %s): the clouds still contain the table. Remove it first with "
+                       "`python processing/preprocess_mvtec.py %s --out OUT`", config.dataset_path,
+                       PREPROCESSED_MARKER, config.dataset_path)
+    extractor = MultimodalFeatures(
         config.preset, random_init=config.random_init, rgb_weights=config.rgb_weights,
         pointmae_weights=config.pointmae_weights, bn_mode=config.bn_mode, device=device, modality=config.modality,
     )
+    return class_names, FeatureCache(extractor, config.cache_dir)
 
 
 def xyz_policy(modality: str) -> XyzPolicy:
