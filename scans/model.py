@@ -1,0 +1,94 @@
+"""The 3D-only model of the scan pipeline: Point-MAE features of a chunk laid out as an image, and Decoder3D.
+
+A chunk of K = S² points (9216 → 96×96, 4096 → 64×64) is laid out row-major as an S×S organized cloud; the
+frozen Point-MAE encoder (group size 32, 96 groups) gives per-group features that are propagated to the points and
+pooled exactly as for MVTec 3D-AD (networks.features), and Decoder3D(out_seq_len=K) reconstructs them. Nothing is
+copied: the encoder, the point operations, the cache of frozen parts and the decoder are those of ``networks``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from networks.cmdr import build_module, feature_distance
+from networks.features import PRESETS, ExtractorConfig, MultimodalFeatures, XYZParts
+from networks.fusion import box_filter
+from utils.io import atomic_path
+
+logger = logging.getLogger(__name__)
+
+NORMALISATION_EPS = 1e-6
+
+
+def scan_extractor_config(preset: str, chunk_size: int) -> ExtractorConfig:
+    """The preset's Point-MAE with the scan grouping (paper: 96 groups of 32 points) at the chunk's layout."""
+    base = PRESETS[preset]
+    side = int(round(chunk_size**0.5))
+    groups = (96, 32) if preset == "paper" else (32, 16)
+    return dataclasses.replace(base, img_size=side, xyz=dataclasses.replace(base.xyz, num_group=groups[0],
+                                                                            group_size=groups[1]))
+
+
+def build_extractor(preset: str, chunk_size: int, random_init: bool, pointmae_weights: Path | None,
+                    device: torch.device) -> MultimodalFeatures:
+    return MultimodalFeatures(scan_extractor_config(preset, chunk_size), random_init=random_init,
+                              pointmae_weights=pointmae_weights, device=device, modality="xyz")
+
+
+def build_decoder(extractor: MultimodalFeatures) -> torch.nn.Module:
+    """Decoder3D(out_seq_len=chunk size, feature_dim=C3) of networks.decoders."""
+    return build_module("Dec3D", extractor.config)
+
+
+def organized(chunks: np.ndarray) -> torch.Tensor:
+    """(B, K, 3) chunks → (B, 3, S, S) organized clouds (row-major layout)."""
+    batch, k, _ = chunks.shape
+    side = int(round(k**0.5))
+    return torch.from_numpy(np.ascontiguousarray(chunks, dtype=np.float32)).transpose(1, 2).reshape(batch, 3, side, side)
+
+
+def chunk_parts(extractor: MultimodalFeatures, chunks: np.ndarray, cache_dir: Path | None = None
+                ) -> list[XYZParts]:
+    """Frozen parts of every chunk; with ``cache_dir`` stored once per (chunks, extractor) and read afterwards."""
+    path = None
+    if cache_dir is not None:
+        digest = hashlib.sha256(np.ascontiguousarray(chunks).tobytes()).hexdigest()[:16]
+        path = Path(cache_dir) / f"scan_features_{extractor.fingerprint('xyz')[:16]}_{digest}.pt"
+        if path.is_file():
+            try:
+                stored = torch.load(path, map_location="cpu", weights_only=True)
+                return [XYZParts(*p) for p in stored]
+            except Exception as err:  # truncated or corrupt: recompute
+                logger.warning("%s: unreadable feature cache (%s); recomputing", path, err)
+    parts = [extractor.extract_xyz_parts(organized(chunks[i : i + 1]))[0] for i in range(len(chunks))]
+    parts = [part.to("cpu") for part in parts]
+    if path is not None:
+        with atomic_path(path) as tmp:
+            torch.save([dataclasses.astuple(p) for p in parts], tmp)
+    return parts
+
+
+def chunk_scores(decoder: torch.nn.Module, extractor: MultimodalFeatures, parts: list[XYZParts]
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Anomaly maps and chunk scores: d = ‖normalize(pred) − normalize(feature)‖ per point on valid points, one 5×5
+    box pass, divided by sqrt(mean of the non-zero values + 1e-6); chunk score = max.
+
+    Returns:
+        (maps (B, S, S), scores (B,)).
+    """
+    side = extractor.img_size
+    with torch.no_grad():
+        f3d = extractor.xyz_maps(parts)
+        mask = (f3d != 0).any(dim=-1)
+        distance = feature_distance(decoder(f3d), f3d, mask).reshape(-1, side, side)
+        smoothed = box_filter(distance, 5, 1)
+        nonzero = smoothed != 0
+        mean = (smoothed.sum(dim=(1, 2)) / nonzero.sum(dim=(1, 2)).clamp(min=1))[:, None, None]
+        maps = smoothed / torch.sqrt(mean + NORMALISATION_EPS)
+    return maps.cpu().numpy(), maps.amax(dim=(1, 2)).cpu().numpy()
