@@ -120,14 +120,14 @@ def main(argv: list[str] | None = None) -> int:
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "dataset": str(args.dataset_path or "synthetic"), "class_name": class_name, "n_test": len(test),
             **inference_speed(extractor, model, test),
-            "train_epoch_seconds_cached": epoch_seconds(extractor, train, Path(tmp) / "cache"),
-            "train_epoch_seconds_uncached": epoch_seconds(extractor, train, None),
-            "n_train": len(train),
         }
-    print(f"preset {args.preset} on {results['device_name']}: {results['fps']:.2f} FPS, "
-          f"peak memory {results['peak_memory_mb']:.0f} MB")
-    for name, seconds in results["stages"].items():
-        print(f"  {name:<18} {1000 * seconds:9.1f} ms/sample")
+        print(f"preset {args.preset} on {results['device_name']}: {results['fps']:.2f} FPS, "
+              f"peak memory {results['peak_memory_mb']:.0f} MB", flush=True)
+        for name, seconds in results["stages"].items():
+            print(f"  {name:<18} {1000 * seconds:9.1f} ms/sample", flush=True)
+        results["train_epoch_seconds_cached"] = epoch_seconds(extractor, train, Path(tmp) / "cache")
+        results["train_epoch_seconds_uncached"] = epoch_seconds(extractor, train, None)
+        results["n_train"] = len(train)
     print(f"  training epoch ({results['n_train']} samples): {results['train_epoch_seconds_cached']:.2f} s cached, "
           f"{results['train_epoch_seconds_uncached']:.2f} s uncached")
     if args.out:
