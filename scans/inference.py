@@ -23,12 +23,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from scans.build_dataset import load
-from scans.model import build_decoder, build_extractor, chunk_parts, chunk_scores
-from scans.train import add_model_arguments, sidecar_of
+from scans.model import build_decoder, chunk_parts, chunk_scores
+from scans.train import add_model_arguments, load_data_and_extractor, sidecar_of
 from utils.io import atomic_path, write_text_atomic
 from utils.metrics import calculate_au_pro, image_auroc, pixel_auroc
-from utils.pipeline import resolve_device, setup_logging
+from utils.pipeline import setup_logging
 from utils.visualization import colormap
 
 logger = logging.getLogger("scans.inference")
@@ -65,9 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging()
     try:
-        data, data_config = load(args.data)
-        extractor = build_extractor(args.preset, data_config.chunk_size, args.random_init, args.pointmae_weights,
-                                    resolve_device(args.device))
+        data, data_config, extractor = load_data_and_extractor(args)
         if not args.checkpoint.is_file():
             raise FileNotFoundError(f"{args.checkpoint} not found: train it with `python -m scans.train`")
         sidecar = json.loads(sidecar_of(args.checkpoint).read_text()) if sidecar_of(args.checkpoint).is_file() else {}

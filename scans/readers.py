@@ -39,6 +39,20 @@ def _finish(points: np.ndarray, path: Path) -> np.ndarray:
     return points
 
 
+def _ascii_rows(body: bytes, count: int, path: Path, what: str) -> np.ndarray:
+    """The first ``count`` non-empty lines of an ascii body as a float array."""
+    lines = [line for line in body.decode("ascii", errors="replace").splitlines() if line.strip()][:count]
+    if len(lines) < count:
+        raise ScanFormatError(f"{path}: {len(lines)} {what} lines, header says {count}")
+    try:
+        rows = [[float(v) for v in line.split()] for line in lines]
+    except ValueError as err:
+        raise ScanFormatError(f"{path}: bad {what} line ({err})") from None
+    if len({len(row) for row in rows}) > 1:
+        raise ScanFormatError(f"{path}: {what} lines with different numbers of values")
+    return np.array(rows)
+
+
 def _read_header(data: bytes, end_marker: bytes, path: Path) -> tuple[list[str], int]:
     index = data.find(end_marker)
     if index < 0:
@@ -77,14 +91,7 @@ def read_ply(path: Path) -> np.ndarray:
         raise ScanFormatError(f"{path}: elements before 'vertex' are not supported")
     columns = _xyz_columns([name for name, _ in properties], path)
     if fmt == "ascii":
-        lines = data[body_start:].decode("ascii", errors="replace").splitlines()[:vertex_count]
-        if len(lines) < vertex_count:
-            raise ScanFormatError(f"{path}: {len(lines)} vertex lines, header says {vertex_count}")
-        try:
-            rows = np.array([[float(v) for v in line.split()[: len(properties)]] for line in lines])
-        except ValueError as err:
-            raise ScanFormatError(f"{path}: bad vertex line ({err})") from None
-        return _finish(rows[:, columns], path)
+        return _finish(_ascii_rows(data[body_start:], vertex_count, path, "vertex")[:, columns], path)
     if fmt == "binary_little_endian":
         dtype = np.dtype([(name, "<" + code) for name, code in properties])
         if len(data) - body_start < vertex_count * dtype.itemsize:
@@ -107,14 +114,7 @@ def read_pcd(path: Path) -> np.ndarray:
     points = int(fields.get("POINTS", [0])[0])
     kind = fields.get("DATA", [""])[0]
     if kind == "ascii":
-        lines = [line for line in data[body_start:].decode("ascii", errors="replace").splitlines() if line.strip()]
-        if len(lines) < points:
-            raise ScanFormatError(f"{path}: {len(lines)} point lines, header says {points}")
-        try:
-            rows = np.array([[float(v) for v in line.split()] for line in lines[:points]])
-        except ValueError as err:
-            raise ScanFormatError(f"{path}: bad point line ({err})") from None
-        return _finish(rows[:, columns], path)
+        return _finish(_ascii_rows(data[body_start:], points, path, "point")[:, columns], path)
     if kind == "binary":
         sizes, types = fields.get("SIZE", []), fields.get("TYPE", [])
         counts = fields.get("COUNT", ["1"] * len(names))

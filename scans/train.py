@@ -43,6 +43,14 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache_dir", type=Path, help="feature cache folder (default: --data)")
 
 
+def load_data_and_extractor(args: argparse.Namespace):
+    """The chunk dataset, its configuration and the frozen extractor sized for it, from the shared options."""
+    data, data_config = load(args.data)
+    extractor = build_extractor(args.preset, data_config.chunk_size, args.random_init, args.pointmae_weights,
+                                resolve_device(args.device))
+    return data, data_config, extractor
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
@@ -52,9 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging()
     try:
-        data, data_config = load(args.data)
-        extractor = build_extractor(args.preset, data_config.chunk_size, args.random_init, args.pointmae_weights,
-                                    resolve_device(args.device))
+        data, data_config, extractor = load_data_and_extractor(args)
         train = data.subset("train")
         parts = chunk_parts(extractor, data.chunks[train], args.cache_dir or args.data)
     except (FileNotFoundError, ValueError, RuntimeError) as err:
