@@ -53,6 +53,14 @@ def _ascii_rows(body: bytes, count: int, path: Path, what: str) -> np.ndarray:
     return np.array(rows)
 
 
+def _binary_xyz(data: bytes, offset: int, dtype: np.dtype, count: int, path: Path) -> np.ndarray:
+    """x, y, z of ``count`` little-endian records of ``dtype`` starting at ``offset``."""
+    if len(data) - offset < count * dtype.itemsize:
+        raise ScanFormatError(f"{path}: truncated (header says {count} points)")
+    records = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
+    return _finish(np.stack([records[axis] for axis in ("x", "y", "z")], axis=1), path)
+
+
 def _read_header(data: bytes, end_marker: bytes, path: Path) -> tuple[list[str], int]:
     index = data.find(end_marker)
     if index < 0:
@@ -94,10 +102,7 @@ def read_ply(path: Path) -> np.ndarray:
         return _finish(_ascii_rows(data[body_start:], vertex_count, path, "vertex")[:, columns], path)
     if fmt == "binary_little_endian":
         dtype = np.dtype([(name, "<" + code) for name, code in properties])
-        if len(data) - body_start < vertex_count * dtype.itemsize:
-            raise ScanFormatError(f"{path}: truncated (header says {vertex_count} vertices)")
-        vertices = np.frombuffer(data, dtype=dtype, count=vertex_count, offset=body_start)
-        return _finish(np.stack([vertices[axis] for axis in ("x", "y", "z")], axis=1), path)
+        return _binary_xyz(data, body_start, dtype, vertex_count, path)
     raise ScanFormatError(f"{path}: PLY format {fmt!r} not supported (ascii or binary_little_endian)")
 
 
@@ -122,10 +127,7 @@ def read_pcd(path: Path) -> np.ndarray:
             raise ScanFormatError(f"{path}: FIELDS, SIZE, TYPE and COUNT disagree")
         dtype = np.dtype([(n, f"<{ {'F': 'f', 'I': 'i', 'U': 'u'}[t] }{s}", (int(c),) if int(c) > 1 else ())
                           for n, s, t, c in zip(names, sizes, types, counts)])
-        if len(data) - body_start < points * dtype.itemsize:
-            raise ScanFormatError(f"{path}: truncated (header says {points} points)")
-        values = np.frombuffer(data, dtype=dtype, count=points, offset=body_start)
-        return _finish(np.stack([values[axis] for axis in ("x", "y", "z")], axis=1), path)
+        return _binary_xyz(data, body_start, dtype, points, path)
     raise ScanFormatError(f"{path}: PCD DATA {kind!r} not supported (ascii or binary; not binary_compressed)")
 
 

@@ -88,8 +88,11 @@ def _differences(stored: Any, current: Any, path: str) -> list[str]:
 
 def check_compatible(sidecar: Mapping[str, Any], expected: Mapping[str, Any], source: Path) -> None:
     """Fail with the differing fields when a checkpoint was trained for another configuration."""
-    current = json.loads(json.dumps(dict(expected), default=str))  # tuples become lists, as in the sidecar
-    differences = _differences({k: sidecar.get(k) for k in current}, current, "")
+    def as_json(value: Any) -> Any:  # tuples become lists, as in a JSON sidecar; resume states keep tuples
+        return json.loads(json.dumps(value, default=str))
+
+    current = as_json(dict(expected))
+    differences = _differences(as_json({k: sidecar.get(k) for k in current}), current, "")
     if differences:
         raise CheckpointError(
             f"{source} belongs to another configuration: " + "; ".join(differences)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import random
 from dataclasses import dataclass, field
@@ -136,12 +135,11 @@ def xyz_policy(modality: str) -> XyzPolicy:
 def model_identity(extractor: MultimodalFeatures, modality: str) -> dict[str, Any]:
     """What a checkpoint must match to be used with these features (stored in and checked against the sidecar)."""
     branches = [b for b in ("rgb", "xyz") if getattr(extractor, f"{b}_backbone") is not None]
-    identity = {
+    return {
         "modality": modality,
         "extractor_config": extractor.config.to_dict(),
         "feature_fingerprints": {b: extractor.fingerprint(b) for b in branches},
     }
-    return json.loads(json.dumps(identity))  # JSON types (lists, not tuples), as stored in sidecars
 
 
 def valid_mask(batch: Batch, f3d: torch.Tensor | None, device: torch.device) -> torch.Tensor:
