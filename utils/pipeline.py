@@ -46,27 +46,21 @@ class RunConfig:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> RunConfig:
-        return cls(**{name: getattr(args, name) for name in cls.__dataclass_fields__})
+        """From parsed options; options the parser does not have keep their defaults."""
+        return cls(**{name: getattr(args, name) for name in cls.__dataclass_fields__ if hasattr(args, name)})
 
     def to_dict(self) -> dict[str, Any]:
         return {name: (str(v) if isinstance(v, Path) else v) for name, v in vars(self).items()}
 
 
-def add_run_arguments(parser: argparse.ArgumentParser, *, training: bool) -> None:
-    """The options of :class:`RunConfig`; ``training`` picks the contract's spelling of two of them."""
-    class_flags = ("--class_name", "--class_names") if training else ("--class_names", "--class_name")
-    checkpoint_flags = (
-        ("--checkpoint_savepath", "--checkpoint_folder") if training else ("--checkpoint_folder", "--checkpoint_savepath")
-    )
+def add_feature_arguments(parser: argparse.ArgumentParser, *, class_flags: tuple[str, str] = ("--class_names",
+                                                                                        "--class_name")) -> None:
+    """The options that choose the data and the frozen features: dataset, classes, modality, backbones, cache."""
     parser.add_argument("--dataset_path", type=Path, required=True, help="dataset root in the MVTec 3D-AD layout")
     parser.add_argument(*class_flags, dest="class_names", nargs="+", default=["all"],
                         help="class folder name(s), or 'all' for every class under --dataset_path")
     parser.add_argument("--modality", choices=MODALITIES, default="rgbxyz",
                         help="rgbxyz: the full 2D+3D model; rgb / xyz: the 2D-only / 3D-only model")
-    parser.add_argument("--epochs_no", type=int, default=50, help="training epochs (inference: of the checkpoint)")
-    parser.add_argument("--batch_size", type=int, default=1)
-    parser.add_argument(*checkpoint_flags, dest="checkpoint_dir", type=Path, default=DEFAULT_CHECKPOINTS,
-                        help="folder holding one sub-folder of checkpoints per class")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="paper",
                         help="paper: DINO ViT-B/8 + Point-MAE at 224x224; tiny: small random backbones at 64x64")
     parser.add_argument("--rgb_weights", type=Path, help="ViT weights file (default: the timm hub)")
@@ -79,15 +73,28 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, training: bool) -> Non
     parser.add_argument("--cache_dir", type=Path, default=DEFAULT_CACHE,
                         help="feature cache folder; 'none' disables the cache")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
     parser.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, *, training: bool) -> None:
+    """The options of :class:`RunConfig`; ``training`` picks the contract's spelling of two of them."""
+    class_flags = ("--class_name", "--class_names") if training else ("--class_names", "--class_name")
+    checkpoint_flags = (
+        ("--checkpoint_savepath", "--checkpoint_folder") if training else ("--checkpoint_folder", "--checkpoint_savepath")
+    )
+    add_feature_arguments(parser, class_flags=class_flags)
+    parser.add_argument("--epochs_no", type=int, default=50, help="training epochs (inference: of the checkpoint)")
+    parser.add_argument("--batch_size", type=int, default=1)
+    parser.add_argument(*checkpoint_flags, dest="checkpoint_dir", type=Path, default=DEFAULT_CHECKPOINTS,
+                        help="folder holding one sub-folder of checkpoints per class")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
 
 
 def parse_run_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.cache_dir is not None and str(args.cache_dir).lower() == "none":
         args.cache_dir = None
-    if args.epochs_no < 1 or args.batch_size < 1:
+    if getattr(args, "epochs_no", 1) < 1 or getattr(args, "batch_size", 1) < 1:
         parser.error("--epochs_no and --batch_size must be at least 1")
     return args
 

@@ -21,22 +21,23 @@ from utils.metrics import METRIC_KEYS, mean_metrics
 PerClass = Mapping[str, Mapping[str, Any]]
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """NaN/inf become null (strict JSON has no NaN); paths and other objects become strings."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, Mapping):
-        return {str(k): _json_safe(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     if value is None or isinstance(value, (bool, int, str)):
         return value
     if hasattr(value, "item"):  # numpy scalars
-        return _json_safe(value.item())
+        return json_safe(value.item())
     return str(value)
 
 
-def _percent(value: Any) -> str:
+def percent(value: Any) -> str:
+    """A fraction in percent with one decimal; ``n/a`` for a missing or non-finite value."""
     return "n/a" if value is None or not math.isfinite(value) else f"{100 * value:.1f}"
 
 
@@ -45,7 +46,7 @@ def metrics_table(per_class: PerClass) -> list[list[str]]:
     means = mean_metrics({c: dict(m) for c, m in per_class.items()})
     rows = [["Metric", *per_class, "Mean"]]
     for key in METRIC_KEYS:
-        rows.append([key, *(_percent(per_class[c].get(key)) for c in per_class), _percent(means[key])])
+        rows.append([key, *(percent(per_class[c].get(key)) for c in per_class), percent(means[key])])
     return rows
 
 
@@ -87,7 +88,7 @@ def write_results(run_dir: str | Path, config: Mapping[str, Any], per_class: Per
         "classes": per_class,
         "mean": mean_metrics({c: dict(m) for c, m in per_class.items()}),
     }
-    text = json.dumps(_json_safe(document), indent=2, allow_nan=False) + "\n"
+    text = json.dumps(json_safe(document), indent=2, allow_nan=False) + "\n"
     write_text_atomic(run_dir / "metrics.md", metrics_markdown(per_class))
     write_text_atomic(run_dir / "metrics.csv", metrics_csv(per_class))
     write_text_atomic(run_dir / "metrics.json", text)
