@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from utils.feature_cache import FeatureCache  # noqa: E402
 from utils.io import DatasetError, write_text_atomic  # noqa: E402
 from utils.metrics import image_auroc, pixel_auroc  # noqa: E402
-from utils.mvtec3d import MVTec3DDataset, make_dataloader  # noqa: E402
+from utils.mvtec3d import Batch, MVTec3DDataset, make_dataloader  # noqa: E402
 from utils.pipeline import (  # noqa: E402
     RunConfig, add_feature_arguments, parse_run_args, prepare_run, setup_logging, valid_mask, xyz_policy,
 )
@@ -62,7 +62,8 @@ def nearest_neighbour_distances(bank: torch.Tensor, queries: torch.Tensor) -> to
     return torch.cat(distances) if distances else queries.new_zeros(0)
 
 
-def _branch_features(cache: FeatureCache, batch) -> dict[str, torch.Tensor]:
+def _branch_features(cache: FeatureCache, batch: Batch) -> dict[str, torch.Tensor]:
+    """F2D / F3D of a batch by branch name, only the branches the extractor has."""
     f2d, f3d = cache.features(batch)
     return {BRANCH_NAMES[i]: f for i, f in enumerate((f2d, f3d)) if f is not None}
 
