@@ -53,8 +53,9 @@ class RunConfig:
         return {name: (str(v) if isinstance(v, Path) else v) for name, v in vars(self).items()}
 
 
-def add_feature_arguments(parser: argparse.ArgumentParser, *, class_flags: tuple[str, str] = ("--class_names",
-                                                                                        "--class_name")) -> None:
+def add_feature_arguments(
+    parser: argparse.ArgumentParser, *, class_flags: tuple[str, str] = ("--class_names", "--class_name")
+) -> None:
     """The options that choose the data and the frozen features: dataset, classes, modality, backbones, cache."""
     parser.add_argument("--dataset_path", type=Path, required=True, help="dataset root in the MVTec 3D-AD layout")
     parser.add_argument(*class_flags, dest="class_names", nargs="+", default=["all"],
