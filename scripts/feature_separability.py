@@ -42,7 +42,7 @@ from utils.results import json_safe, percent  # noqa: E402
 
 logger = logging.getLogger("feature_separability")
 
-BRANCH_NAMES = {0: "F2D", 1: "F3D"}
+BRANCH_NAMES = ("F2D", "F3D")
 QUERY_CHUNK = 4096  # test pixels per distance matrix: bounds memory at (chunk × bank) floats
 
 
@@ -62,20 +62,21 @@ def nearest_neighbour_distances(bank: torch.Tensor, queries: torch.Tensor) -> to
     return torch.cat(distances) if distances else queries.new_zeros(0)
 
 
-def _branch_features(cache: FeatureCache, batch: Batch) -> dict[str, torch.Tensor]:
-    """F2D / F3D of a batch by branch name, only the branches the extractor has."""
+def _valid_features(cache: FeatureCache, batch: Batch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The valid pixels' features of a one-sample batch by branch name ((n, C) each, only the branches the
+    extractor has) and the valid mask (S²,)."""
     f2d, f3d = cache.features(batch)
-    return {BRANCH_NAMES[i]: f for i, f in enumerate((f2d, f3d)) if f is not None}
+    mask = valid_mask(batch, f3d, cache.extractor.device)[0]
+    return {name: f[0][mask] for name, f in zip(BRANCH_NAMES, (f2d, f3d)) if f is not None}, mask
 
 
 def memory_bank(cache: FeatureCache, dataset: MVTec3DDataset, stride: int) -> dict[str, torch.Tensor]:
     """Every ``stride``-th valid pixel's features of every training sample, per branch: name → (M, C)."""
     rows: dict[str, list[torch.Tensor]] = {}
     for batch in tqdm(make_dataloader(dataset, 1), desc=f"{dataset.class_name} bank", unit="sample", leave=False):
-        features = _branch_features(cache, batch)
-        mask = valid_mask(batch, features.get("F3D"), cache.extractor.device)[0]
+        features, _ = _valid_features(cache, batch)
         for name, f in features.items():
-            rows.setdefault(name, []).append(f[0][mask][::stride])
+            rows.setdefault(name, []).append(f[::stride])
     return {name: torch.cat(parts) for name, parts in rows.items()}
 
 
@@ -91,15 +92,14 @@ def class_separability(cache: FeatureCache, dataset_path: Path, class_name: str,
     gts: list[np.ndarray] = []
     maps: dict[str, list[np.ndarray]] = {name: [] for name in bank}
     for batch in tqdm(make_dataloader(test, 1), desc=f"{class_name} test", unit="sample", leave=False):
-        features = _branch_features(cache, batch)
-        mask = valid_mask(batch, features.get("F3D"), cache.extractor.device)[0]
+        features, mask = _valid_features(cache, batch)
         record = batch.records[0]
         labels.append(record.label)
         defects.append(record.defect_type)
         # P-AUROC over valid pixels only, as (1, n) "images" (background pixels would be easy negatives)
         gts.append(batch.gt[0, 0].numpy()[mask.reshape(size, size).cpu().numpy()][None] > 0)
         for name, f in features.items():
-            distances = nearest_neighbour_distances(bank[name], f[0][mask]).cpu().numpy()
+            distances = nearest_neighbour_distances(bank[name], f).cpu().numpy()
             scores[name].append(float(distances.max()) if distances.size else 0.0)
             maps[name].append(distances[None])
     labels_array = np.asarray(labels)
