@@ -1,6 +1,6 @@
 """Speed and memory of CMDR-IAD as the paper's Table 4 measures them, and the cost of a training epoch.
 
-    python benchmark.py --preset tiny|paper [--random_init] [--device cpu|cuda] [--out FILE]
+    python benchmark.py --preset paper|lite|tiny [--random_init] [--device cpu|cuda] [--out FILE]
         [--dataset_path D --class_name C] [--rgb_weights F] [--pointmae_weights F]
 
 * ``fps``: inference as the paper measures it — the whole pipeline from loading a test sample to its scores
@@ -31,13 +31,13 @@ from pathlib import Path
 import torch
 
 from networks.cmdr import CMDRIAD
-from networks.features import MultimodalFeatures
+from networks.features import PRESETS, MultimodalFeatures
 from networks.fusion import normalize_scores
 from train import make_optimizers, optimisation_step
 from utils.feature_cache import FeatureCache
 from utils.io import write_text_atomic
 from utils.mvtec3d import MVTec3DDataset, collate_samples, make_dataloader
-from utils.pipeline import resolve_device, seed_everything, setup_logging, valid_mask
+from utils.pipeline import open_split, resolve_device, seed_everything, setup_logging, valid_mask
 from utils.synthetic import SyntheticConfig, generate_dataset
 
 
@@ -60,7 +60,7 @@ def inference_speed(extractor: MultimodalFeatures, model: CMDRIAD, dataset: MVTe
         with torch.no_grad():
             f2d, f3d = extractor.get_features_maps(batch.rgb.to(device), batch.xyz.to(device))
             extracted = _clock(device)
-            psi = model.anomaly_map(f2d, f3d, valid_mask(batch, f3d, device))
+            psi = model.anomaly_map(f2d, f3d, valid_mask(batch, f3d, extractor))
             scored = _clock(device)
             normalize_scores(psi)
         done = _clock(device)
@@ -92,7 +92,7 @@ def epoch_seconds(extractor: MultimodalFeatures, dataset: MVTec3DDataset, cache_
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=("paper", "tiny"), default="paper")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="paper")
     parser.add_argument("--random_init", action="store_true")
     parser.add_argument("--rgb_weights", type=Path)
     parser.add_argument("--pointmae_weights", type=Path)
@@ -113,8 +113,8 @@ def main(argv: list[str] | None = None) -> int:
             config = SyntheticConfig(classes=("dome",), n_train=8, n_val=0, n_test=8, size=(400, 400),
                                      background="none")
             root, class_name = generate_dataset(Path(tmp) / "data", config), "dome"
-        test = MVTec3DDataset(root, class_name, "test", extractor.img_size)
-        train = MVTec3DDataset(root, class_name, "train", extractor.img_size)
+        test = open_split(extractor, root, class_name, "test", "rgbxyz")
+        train = open_split(extractor, root, class_name, "train", "rgbxyz")
         results = {
             "preset": args.preset, "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

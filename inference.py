@@ -29,11 +29,11 @@ from networks.fusion import FUSION_VARIANTS, normalize_scores
 from utils.checkpoints import CheckpointError, load_modules, versions
 from utils.feature_cache import FeatureCache
 from utils.io import DatasetError, atomic_path, read_mask, write_text_atomic
-from utils.metrics import class_metrics
-from utils.mvtec3d import MVTec3DDataset, make_dataloader
+from utils.metrics import PER_DEFECT_KEY, class_metrics, image_auroc_per_defect
+from utils.mvtec3d import make_dataloader
 from utils.pipeline import (
-    RunConfig, add_run_arguments, model_identity, parse_run_args, prepare_run, setup_logging, valid_mask,
-    xyz_policy,
+    RunConfig, add_run_arguments, model_identity, open_split, parse_run_args, prepare_run, setup_logging,
+    valid_mask,
 )
 from utils.results import metrics_markdown, write_results
 from utils.transforms import denormalize_rgb, to_native_resolution
@@ -50,7 +50,7 @@ def evaluate_class(class_name: str, config: RunConfig, cache: FeatureCache, fusi
     load_modules(model.trainable(), config.checkpoint_dir, class_name, config.epochs_no, config.batch_size,
                  expected=model_identity(extractor, config.modality))
     model.to(extractor.device).eval()
-    dataset = MVTec3DDataset(config.dataset_path, class_name, "test", extractor.img_size, xyz_policy(config.modality))
+    dataset = open_split(extractor, config.dataset_path, class_name, "test", config.modality)
     device = extractor.device
 
     records, labels, image_scores, seconds = [], [], [], []
@@ -60,7 +60,7 @@ def evaluate_class(class_name: str, config: RunConfig, cache: FeatureCache, fusi
         start = time.perf_counter()
         with torch.no_grad():
             f2d, f3d = cache.features(batch)
-            psi = model.anomaly_map(f2d, f3d, valid_mask(batch, f3d, device), fusion)
+            psi = model.anomaly_map(f2d, f3d, valid_mask(batch, f3d, extractor), fusion)
             aupro_map, image_score, pixel_scores = normalize_scores(psi)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -81,7 +81,7 @@ def evaluate_class(class_name: str, config: RunConfig, cache: FeatureCache, fusi
             pixel_maps.append(maps[1])
             if save_maps:
                 xyz = None if batch.xyz is None else batch.xyz[i].permute(1, 2, 0).numpy()
-                panels.append((record, denormalize_rgb(batch.rgb[i]), xyz, batch.gt[i, 0].numpy() > 0,
+                panels.append((record, denormalize_rgb(batch.rgb[i], dataset.normalization), xyz, batch.gt[i, 0].numpy() > 0,
                                aupro_map[i].cpu().numpy(), image_scores[-1]))
             if save_raw_maps:  # the map for AUPRO at the network size, e.g. for scripts/make_figures.py
                 with atomic_path(run_dir / "maps" / class_name / f"{record.defect_type}_{record.stem}.npy") as tmp:
@@ -89,6 +89,7 @@ def evaluate_class(class_name: str, config: RunConfig, cache: FeatureCache, fusi
                         np.save(handle, aupro_map[i].cpu().numpy().astype(np.float32))
 
     metrics = class_metrics(labels, image_scores, gts, aupro_maps, pixel_maps, seconds=float(np.sum(seconds)))
+    metrics[PER_DEFECT_KEY] = image_auroc_per_defect([r.defect_type for r in records], labels, image_scores)
     table = io.StringIO()
     writer = csv.writer(table, lineterminator="\n")
     writer.writerow(["sample", "label", "image_score", "seconds"])

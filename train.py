@@ -28,10 +28,10 @@ from utils.checkpoints import (
 )
 from utils.feature_cache import FeatureCache
 from utils.io import DatasetError
-from utils.mvtec3d import Batch, MVTec3DDataset, make_dataloader
+from utils.mvtec3d import Batch, make_dataloader
 from utils.pipeline import (
-    RunConfig, add_run_arguments, model_identity, parse_run_args, prepare_run, seed_everything, setup_logging,
-    valid_mask, xyz_policy,
+    RunConfig, add_run_arguments, model_identity, open_split, parse_run_args, prepare_run, seed_everything,
+    setup_logging, valid_mask,
 )
 
 logger = logging.getLogger("train")
@@ -44,7 +44,7 @@ def optimisation_step(model: CMDRIAD, optimizers: dict[str, torch.optim.Optimize
                       batch: Batch) -> dict[str, float | None]:
     """One step of every module on ``batch``; returns each module's loss (None: not finite, step skipped)."""
     f2d, f3d = cache.features(batch)
-    losses = model.losses(f2d, f3d, valid_mask(batch, f3d, cache.extractor.device))
+    losses = model.losses(f2d, f3d, valid_mask(batch, f3d, cache.extractor))
     finite = {name: loss for name, loss in losses.items() if torch.isfinite(loss)}
     for optimizer in optimizers.values():
         optimizer.zero_grad(set_to_none=True)
@@ -72,7 +72,7 @@ def train_class(class_name: str, config: RunConfig, cache: FeatureCache, resume:
         logger.info("%s: already trained (%s), skipped", class_name, sidecar_path(*args))
         return None
 
-    dataset = MVTec3DDataset(config.dataset_path, class_name, "train", extractor.img_size, xyz_policy(config.modality))
+    dataset = open_split(extractor, config.dataset_path, class_name, "train", config.modality)
     cache.precompute(dataset, config.batch_size)  # features once, before the epochs
 
     seed_everything(config.seed)

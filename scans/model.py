@@ -1,9 +1,10 @@
-"""The 3D-only model of the scan pipeline: Point-MAE features of a chunk laid out as an image, and Decoder3D.
+"""The 3D-only model of the scan pipeline: frozen 3D features of a chunk laid out as an image, and Decoder3D.
 
 A chunk of K = S² points (9216 → 96×96, 4096 → 64×64) is laid out row-major as an S×S organized cloud; the
 frozen Point-MAE encoder (group size 32, 96 groups) gives per-group features that are propagated to the points and
-pooled exactly as for MVTec 3D-AD (networks.features), and Decoder3D(out_seq_len=K) reconstructs them. Nothing is
-copied: the encoder, the point operations, the cache of frozen parts and the decoder are those of ``networks``.
+pooled exactly as for MVTec 3D-AD (networks.features), and Decoder3D(out_seq_len=K) reconstructs them. With the
+``lite`` preset the features are FPFH of the chunk's points (no weights). Nothing is copied: the encoder, the point
+operations, the cache of frozen parts and the decoder are those of ``networks``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import numpy as np
 import torch
 
 from networks.cmdr import build_module, feature_distance
-from networks.features import PRESETS, ExtractorConfig, MultimodalFeatures, XYZParts
+from networks.features import PRESETS, ExtractorConfig, MultimodalFeatures, PointParts, XYZParts
+from networks.fpfh import FPFHConfig
 from networks.fusion import box_filter
 from utils.io import atomic_path
 
@@ -27,9 +29,12 @@ NORMALISATION_EPS = 1e-6
 
 
 def scan_extractor_config(preset: str, chunk_size: int) -> ExtractorConfig:
-    """The preset's Point-MAE with the scan grouping (paper: 96 groups of 32 points) at the chunk's layout."""
+    """The preset's Point-MAE with the scan grouping (paper: 96 groups of 32 points) at the chunk's layout; for
+    ``lite``, FPFH with one feature per point of the layout."""
     base = PRESETS[preset]
     side = int(round(chunk_size**0.5))
+    if isinstance(base.xyz, FPFHConfig):
+        return dataclasses.replace(base, img_size=side, feature_size=None)
     groups = (96, 32) if preset == "paper" else (32, 16)
     return dataclasses.replace(base, img_size=side, xyz=dataclasses.replace(base.xyz, num_group=groups[0],
                                                                             group_size=groups[1]))
@@ -54,8 +59,9 @@ def organized(chunks: np.ndarray) -> torch.Tensor:
 
 
 def chunk_parts(extractor: MultimodalFeatures, chunks: np.ndarray, cache_dir: Path | None = None
-                ) -> list[XYZParts]:
+                ) -> list[XYZParts | PointParts]:
     """Frozen parts of every chunk; with ``cache_dir`` stored once per (chunks, extractor) and read afterwards."""
+    part_type = PointParts if isinstance(extractor.config.xyz, FPFHConfig) else XYZParts
     path = None
     if cache_dir is not None:
         digest = hashlib.sha256(np.ascontiguousarray(chunks).tobytes()).hexdigest()[:16]
@@ -63,7 +69,7 @@ def chunk_parts(extractor: MultimodalFeatures, chunks: np.ndarray, cache_dir: Pa
         if path.is_file():
             try:
                 stored = torch.load(path, map_location="cpu", weights_only=True)
-                return [XYZParts(*p) for p in stored]
+                return [part_type(*p) for p in stored]
             except Exception as err:  # truncated or corrupt: recompute
                 logger.warning("%s: unreadable feature cache (%s); recomputing", path, err)
     parts = [extractor.extract_xyz_parts(organized(chunks[i : i + 1]))[0] for i in range(len(chunks))]
@@ -74,7 +80,7 @@ def chunk_parts(extractor: MultimodalFeatures, chunks: np.ndarray, cache_dir: Pa
     return parts
 
 
-def chunk_scores(decoder: torch.nn.Module, extractor: MultimodalFeatures, parts: list[XYZParts]
+def chunk_scores(decoder: torch.nn.Module, extractor: MultimodalFeatures, parts: list[XYZParts | PointParts]
                  ) -> tuple[np.ndarray, np.ndarray]:
     """Anomaly maps and chunk scores: d = ‖normalize(pred) − normalize(feature)‖ per point on valid points, one 5×5
     box pass, divided by sqrt(mean of the non-zero values + 1e-6); chunk score = max.

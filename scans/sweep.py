@@ -1,7 +1,7 @@
 """The paper's Table 8: detector × chunk size × contamination level, built, trained and evaluated in one command.
 
     python -m scans.sweep SCANS_DIR --out R [--detectors lof iso hybrid] [--chunk_sizes 4096 9216]
-        [--levels low high] [--epochs_no 50] [--batch_size 4] [--preset paper|tiny] [--random_init]
+        [--levels low high] [--epochs_no 50] [--batch_size 4] [--preset paper|lite|tiny] [--random_init]
         [--pointmae_weights F] [--device auto|cpu|cuda]
 
 Each configuration gets ``R/<detector>_<chunk>_<level>/`` (dataset, checkpoint, metrics); a configuration whose
@@ -19,6 +19,7 @@ import logging
 import sys
 from pathlib import Path
 
+from networks.features import PRESETS
 from scans import build_dataset, inference, train
 from utils.io import write_text_atomic
 from utils.pipeline import setup_logging
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--levels", nargs="+", choices=tuple(build_dataset.CONTAMINATION), default=["low", "high"])
     parser.add_argument("--epochs_no", type=int, default=50)
     parser.add_argument("--batch_size", type=int, default=4)
-    parser.add_argument("--preset", choices=("paper", "tiny"), default="paper")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="paper")
     parser.add_argument("--random_init", action="store_true")
     parser.add_argument("--pointmae_weights", type=Path)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")

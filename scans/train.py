@@ -1,7 +1,7 @@
 """Train the 3D-only scan model (Decoder3D on frozen Point-MAE features of the chunks).
 
     python -m scans.train --data DATA_DIR --checkpoint FILE [--epochs_no 50] [--batch_size 4]
-        [--preset paper|tiny] [--random_init] [--pointmae_weights F] [--device auto|cpu|cuda] [--seed 115]
+        [--preset paper|lite|tiny] [--random_init] [--pointmae_weights F] [--device auto|cpu|cuda] [--seed 115]
 
 AdamW (lr 1e-3, weight decay 0.01), masked cosine loss on the non-zero feature rows, shuffled every epoch. The
 frozen features of every chunk are computed once and cached in DATA_DIR. Writes FILE (a plain Decoder3D state
@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from networks.cmdr import masked_cosine_loss
 from scans.build_dataset import load
+from networks.features import PRESETS
 from scans.model import build_decoder, build_extractor, chunk_parts
 from utils.checkpoints import versions
 from utils.io import atomic_path, write_text_atomic
@@ -36,7 +37,7 @@ def sidecar_of(checkpoint: Path) -> Path:
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", type=Path, required=True, help="folder written by scans.build_dataset")
     parser.add_argument("--checkpoint", type=Path, required=True)
-    parser.add_argument("--preset", choices=("paper", "tiny"), default="paper")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="paper")
     parser.add_argument("--random_init", action="store_true")
     parser.add_argument("--pointmae_weights", type=Path)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")

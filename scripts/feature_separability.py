@@ -33,10 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from utils.feature_cache import FeatureCache  # noqa: E402
 from utils.io import DatasetError, write_text_atomic  # noqa: E402
-from utils.metrics import image_auroc, pixel_auroc  # noqa: E402
+from utils.metrics import image_auroc, image_auroc_per_defect, pixel_auroc  # noqa: E402
 from utils.mvtec3d import Batch, MVTec3DDataset, make_dataloader  # noqa: E402
 from utils.pipeline import (  # noqa: E402
-    RunConfig, add_feature_arguments, parse_run_args, prepare_run, setup_logging, valid_mask, xyz_policy,
+    RunConfig, add_feature_arguments, open_split, parse_run_args, prepare_run, setup_logging, valid_mask,
 )
 from utils.results import json_safe, percent  # noqa: E402
 
@@ -64,9 +64,9 @@ def nearest_neighbour_distances(bank: torch.Tensor, queries: torch.Tensor) -> to
 
 def _valid_features(cache: FeatureCache, batch: Batch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """The valid pixels' features of a one-sample batch by branch name ((n, C) each, only the branches the
-    extractor has) and the valid mask (S²,)."""
+    extractor has) and the valid mask (G²,) of the feature grid."""
     f2d, f3d = cache.features(batch)
-    mask = valid_mask(batch, f3d, cache.extractor.device)[0]
+    mask = valid_mask(batch, f3d, cache.extractor)[0]
     return {name: f[0][mask] for name, f in zip(BRANCH_NAMES, (f2d, f3d)) if f is not None}, mask
 
 
@@ -83,10 +83,9 @@ def memory_bank(cache: FeatureCache, dataset: MVTec3DDataset, stride: int) -> di
 def class_separability(cache: FeatureCache, dataset_path: Path, class_name: str, modality: str,
                        bank_stride: int = 4) -> dict[str, dict]:
     """The nearest-neighbour I-AUROC (all and per defect type) and P-AUROC of each branch for one class."""
-    size = cache.extractor.img_size
-    policy = xyz_policy(modality)
-    bank = memory_bank(cache, MVTec3DDataset(dataset_path, class_name, "train", size, policy), bank_stride)
-    test = MVTec3DDataset(dataset_path, class_name, "test", size, policy)
+    extractor = cache.extractor
+    bank = memory_bank(cache, open_split(extractor, dataset_path, class_name, "train", modality), bank_stride)
+    test = open_split(extractor, dataset_path, class_name, "test", modality)
     labels, defects = [], []
     scores: dict[str, list[float]] = {name: [] for name in bank}
     gts: list[np.ndarray] = []
@@ -96,23 +95,19 @@ def class_separability(cache: FeatureCache, dataset_path: Path, class_name: str,
         record = batch.records[0]
         labels.append(record.label)
         defects.append(record.defect_type)
-        # P-AUROC over valid pixels only, as (1, n) "images" (background pixels would be easy negatives)
-        gts.append(batch.gt[0, 0].numpy()[mask.reshape(size, size).cpu().numpy()][None] > 0)
+        # P-AUROC over valid pixels only, as (1, n) "images" (background pixels would be easy negatives); on a
+        # feature grid coarser than the image a cell is anomalous when any of its pixels is
+        gt = F.adaptive_max_pool2d(batch.gt[0], extractor.grid_size)[0].flatten()
+        gts.append(gt[mask.cpu()].numpy()[None] > 0)
         for name, f in features.items():
             distances = nearest_neighbour_distances(bank[name], f).cpu().numpy()
             scores[name].append(float(distances.max()) if distances.size else 0.0)
             maps[name].append(distances[None])
-    labels_array = np.asarray(labels)
     result = {}
     for name in bank:
-        branch_scores = np.asarray(scores[name])
-        per_defect = {}
-        for defect in sorted(set(defects) - {"good"}):
-            pick = np.isin(defects, ["good", defect])
-            per_defect[defect] = image_auroc(labels_array[pick], branch_scores[pick])
         result[name] = {
-            "i_auroc": image_auroc(labels, branch_scores),
-            "i_auroc_per_defect": per_defect,
+            "i_auroc": image_auroc(labels, scores[name]),
+            "i_auroc_per_defect": image_auroc_per_defect(defects, labels, scores[name]),
             "p_auroc": pixel_auroc(gts, maps[name]),
             "bank_size": int(bank[name].shape[0]),
         }

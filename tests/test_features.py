@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer
 
-from networks.features import PRESETS, MultimodalFeatures, build_rgb_backbone, foreground_mask
+from networks.features import PRESETS, MultimodalFeatures, ViTConfig, build_rgb_backbone, foreground_mask
 from networks.point_mae import (
     POINTMAE_URL, Block, PointMAEConfig, PointMAEEncoder, WeightsError, _batch_norm, load_pointmae_weights,
 )
@@ -238,8 +238,11 @@ def test_unknown_preset_and_modality():
 
 def test_preset_sizes_are_consistent():
     for config in PRESETS.values():
-        assert config.img_size % config.rgb.patch_size == 0
-        assert (config.img_size**2) % 32 == 0, "Decoder3D needs S² divisible by 32"
+        if isinstance(config.rgb, ViTConfig):
+            assert config.img_size % config.rgb.patch_size == 0
+        assert (config.grid_size**2) % 32 == 0, "Decoder3D needs G² divisible by 32"
+    lite = PRESETS["lite"]
+    assert (lite.img_size, lite.grid_size, lite.rgb_dim, lite.xyz_dim) == (224, 56, 152, 33)
     paper = PRESETS["paper"]
     assert (paper.img_size, paper.rgb_dim, paper.xyz_dim) == (224, 768, 1152)
     assert dataclasses.replace(paper.xyz).num_group == 1024 and paper.xyz.group_size == 128

@@ -1,9 +1,9 @@
 """On-disk cache of the frozen features (overview.md "Feature cache").
 
 The extractors are frozen, so every sample's features are computed once. An entry stores the *parts* of
-:class:`networks.features.MultimodalFeatures` (RGB token grid; per-group 3D features with propagation
-indices and weights), from which F2D and F3D are rebuilt exactly — about 7 MB per sample at paper size instead
-of the 231 MB of the 224×224×1152 map.
+:class:`networks.features.MultimodalFeatures` (RGB feature grid; per-group 3D features with propagation
+indices and weights, or per-point FPFH features), from which F2D and F3D are rebuilt exactly — about 7 MB per
+sample at paper size instead of the 231 MB of the 224×224×1152 map.
 
 Layout: ``<cache_dir>/<branch>/<fingerprint[:16]>/<dataset>-<hash of its path>/<class>/<split>/<defect>/<stem>.pt``.
 The fingerprint hashes the extractor configuration and weights of the branch, so a changed configuration or
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from networks.features import MultimodalFeatures, XYZParts
+from networks.features import MultimodalFeatures, PointParts, XYZParts
 from utils.io import DatasetError, atomic_path
 from utils.mvtec3d import Batch, MVTec3DDataset, SampleRecord, make_dataloader
 
@@ -69,7 +69,7 @@ class FeatureCache:
 
     # --- entries -----------------------------------------------------------------------------------------------
 
-    def _load(self, branch: str, record: SampleRecord) -> torch.Tensor | XYZParts | None:
+    def _load(self, branch: str, record: SampleRecord) -> torch.Tensor | XYZParts | PointParts | None:
         path = self.entry_path(branch, record)
         if not path.is_file():
             return None
@@ -88,6 +88,8 @@ class FeatureCache:
             return None
         if branch == "rgb":
             return entry["tokens"]
+        if "point_features" in entry:
+            return PointParts(entry["point_features"], entry["pixel_index"].long())
         return XYZParts(
             group_features=entry["group_features"],
             pixel_index=entry["pixel_index"].long(),
@@ -95,7 +97,7 @@ class FeatureCache:
             neighbour_weight=entry["neighbour_weight"],
         )
 
-    def _save(self, branch: str, record: SampleRecord, parts: torch.Tensor | XYZParts) -> None:
+    def _save(self, branch: str, record: SampleRecord, parts: torch.Tensor | XYZParts | PointParts) -> None:
         entry: dict[str, object] = {
             "format": CACHE_FORMAT,
             "fingerprint": self.extractor.fingerprint(branch),
@@ -104,6 +106,9 @@ class FeatureCache:
         }
         if branch == "rgb":
             entry["tokens"] = parts.detach().cpu().contiguous()
+        elif isinstance(parts, PointParts):
+            entry.update(point_features=parts.features.detach().cpu().contiguous(),
+                         pixel_index=parts.pixel_index.cpu().to(torch.int32))
         else:  # compact integer types; converted back to int64 on load, so the round trip is exact
             n_groups = parts.group_features.shape[0]
             entry.update(

@@ -39,6 +39,8 @@ METRIC_KEYS = (
     *(aupro_key(limit, PAPER_NUM_THRESHOLDS) for limit in AUPRO_LIMITS),
 )
 """The score keys of a class's metrics dict, in table order."""
+PER_DEFECT_KEY = "I-AUROC per defect type"
+"""Key of a class's {defect type: I-AUROC against the good samples} in metrics.json."""
 
 
 def trapezoid(x: np.ndarray, y: np.ndarray, x_max: float | None = None) -> float:
@@ -172,6 +174,16 @@ def _auroc(labels: np.ndarray, scores: np.ndarray, what: str) -> float:
 def image_auroc(labels: Sequence[int], image_scores: Sequence[float]) -> float:
     """I-AUROC: ROC-AUC of per-image scores against 0/1 labels (NaN when only one label occurs)."""
     return _auroc(np.asarray(labels), np.asarray(image_scores, dtype=np.float64), "I-AUROC")
+
+
+def image_auroc_per_defect(defect_types: Sequence[str], labels: Sequence[int],
+                           image_scores: Sequence[float]) -> dict[str, float]:
+    """I-AUROC of each defect type against the good samples (label 0): defect type → ROC-AUC, sorted by name."""
+    defect_types, labels = np.asarray(defect_types), np.asarray(labels)
+    scores = np.asarray(image_scores, dtype=np.float64)
+    good = labels == 0
+    return {defect: image_auroc(labels[good | (defect_types == defect)], scores[good | (defect_types == defect)])
+            for defect in sorted(set(defect_types[~good].tolist()))}
 
 
 def pixel_auroc(gts: Sequence[np.ndarray], pixel_scores: Sequence[np.ndarray]) -> float:

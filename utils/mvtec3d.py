@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from utils.io import DatasetError, read_mask, read_rgb, read_xyz
 from utils.synthetic import MARKER_FILE as SYNTHETIC_MARKER
-from utils.transforms import mask_to_tensor, rgb_to_tensor, xyz_to_tensor
+from utils.transforms import IMAGENET, Normalization, mask_to_tensor, rgb_to_tensor, xyz_to_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -261,15 +261,18 @@ class MVTec3DDataset(Dataset):
         split: ``train``, ``validation`` or ``test``.
         img_size: side S of the square network input (224 for the paper).
         xyz: how point clouds are treated, see :data:`XyzPolicy`.
+        normalization: the RGB backbone's input mean/std (``ExtractorConfig.normalization``).
     """
 
     def __init__(
-        self, root: str | Path, class_name: str, split: str, img_size: int = 224, xyz: XyzPolicy = "required"
+        self, root: str | Path, class_name: str, split: str, img_size: int = 224, xyz: XyzPolicy = "required",
+        normalization: Normalization = IMAGENET,
     ) -> None:
         self.root = Path(root)
         self.class_name = class_name
         self.split = split
         self.img_size = img_size
+        self.normalization = normalization
         self.records = discover_samples(root, class_name, split, xyz)
 
     @property
@@ -303,7 +306,7 @@ class MVTec3DDataset(Dataset):
         else:
             gt = torch.zeros(1, self.img_size, self.img_size)
         return Sample(
-            rgb=rgb_to_tensor(rgb, self.img_size),
+            rgb=rgb_to_tensor(rgb, self.img_size, self.normalization),
             xyz=xyz,
             gt=gt,
             label=record.label,

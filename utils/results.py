@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from utils.io import write_text_atomic
-from utils.metrics import METRIC_KEYS, mean_metrics
+from utils.metrics import METRIC_KEYS, PER_DEFECT_KEY, mean_metrics
 
 PerClass = Mapping[str, Mapping[str, Any]]
 
@@ -50,11 +50,28 @@ def metrics_table(per_class: PerClass) -> list[list[str]]:
     return rows
 
 
-def metrics_markdown(per_class: PerClass) -> str:
-    """:func:`metrics_table` as a markdown table, with a note on the two AUPRO protocols."""
-    rows = metrics_table(per_class)
+def per_defect_table(per_class: PerClass) -> list[list[str]]:
+    """I-AUROC of each defect type (against the good samples) per class, percent; [] when no class has them."""
+    defects = sorted({d for metrics in per_class.values() for d in metrics.get(PER_DEFECT_KEY, {})})
+    if not defects:
+        return []
+    rows = [["I-AUROC by defect type", *per_class]]
+    for defect in defects:
+        rows.append([defect, *(percent(per_class[c].get(PER_DEFECT_KEY, {}).get(defect)) for c in per_class)])
+    return rows
+
+
+def _markdown(rows: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(row) + " |" for row in rows]
     lines.insert(1, "|" + "---|" * len(rows[0]))
+    return lines
+
+
+def metrics_markdown(per_class: PerClass) -> str:
+    """:func:`metrics_table` (and :func:`per_defect_table`) as markdown, with a note on the two AUPRO protocols."""
+    lines = _markdown(metrics_table(per_class))
+    if defect_rows := per_defect_table(per_class):
+        lines += ["", *_markdown(defect_rows)]
     note = (
         "\nValues in percent. `AUPRO@x%` is the exact official MVTec 3D-AD curve; `AUPRO@x% (99 thr)` is the "
         "sampled 99-threshold protocol of the reference code and the paper's tables.\n"

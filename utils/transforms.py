@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -18,6 +20,17 @@ from PIL import Image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class Normalization(NamedTuple):
+    """Per-channel mean and std of an RGB backbone's inputs (images scaled to [0, 1]); each backbone's
+    configuration says which it needs (``ExtractorConfig.normalization``)."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+IMAGENET = Normalization(IMAGENET_MEAN, IMAGENET_STD)
 
 
 def centred_offsets(height: int, width: int, side: int) -> tuple[int, int]:
@@ -59,24 +72,26 @@ def resize_nearest(array: np.ndarray, size: int) -> torch.Tensor:
     return F.interpolate(tensor, size=(size, size), mode="nearest")[0]
 
 
-def rgb_to_tensor(rgb: np.ndarray, size: int) -> torch.Tensor:
+def _mean_std(normalization: Normalization) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.tensor(normalization.mean).view(3, 1, 1), torch.tensor(normalization.std).view(3, 1, 1)
+
+
+def rgb_to_tensor(rgb: np.ndarray, size: int, normalization: Normalization = IMAGENET) -> torch.Tensor:
     """Turn an (H, W, 3) uint8 image into the network input.
 
     Returns:
-        float32 tensor of shape (3, size, size), ImageNet-normalised.
+        float32 tensor of shape (3, size, size), normalised with the backbone's ``normalization``.
     """
     square = Image.fromarray(pad_to_square(rgb))
     resized = np.asarray(square.resize((size, size), Image.BICUBIC), dtype=np.float32) / 255.0
     tensor = torch.from_numpy(resized).permute(2, 0, 1)
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    mean, std = _mean_std(normalization)
     return (tensor - mean) / std
 
 
-def denormalize_rgb(tensor: torch.Tensor) -> np.ndarray:
+def denormalize_rgb(tensor: torch.Tensor, normalization: Normalization = IMAGENET) -> np.ndarray:
     """Undo :func:`rgb_to_tensor`'s normalisation for display: (3, S, S) → (S, S, 3) uint8."""
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    mean, std = _mean_std(normalization)
     image = (tensor.detach().cpu().float() * std + mean).clamp(0, 1)
     return (image.permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8)
 
