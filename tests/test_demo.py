@@ -1,4 +1,5 @@
-"""demo.py: the README's first command, with the tiny preset and with weight files passed through."""
+"""demo.py with the tiny preset and weight files passed through (the lite default runs in CI as the README's first
+command, and tests/test_detection.py checks what it detects)."""
 
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ def test_demo_passes_weight_files_to_training_and_inference(tmp_path: Path):
     torch.save({"base_model": {f"MAE_encoder.{k}": v for k, v in encoder.state_dict().items()}}, pointmae)
 
     out = tmp_path / "demo"
-    assert demo.main(["--out", str(out), "--epochs_no", "1", "--rgb_weights", str(rgb),
-                      "--pointmae_weights", str(pointmae)]) == 0
+    assert demo.main(["--out", str(out), "--preset", "tiny", "--epochs_no", "1", "--n_train", "4", "--n_test", "6",
+                      "--rgb_weights", str(rgb), "--pointmae_weights", str(pointmae)]) == 0
     run = out / "results" / "tiny_demo"
     extractor = json.loads((run / "metrics.json").read_text())["config"]["extractor"]
     assert extractor["rgb_weights"] == str(rgb) and extractor["pointmae_weights"] == str(pointmae)

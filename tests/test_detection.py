@@ -1,0 +1,123 @@
+"""Detection is behaviour: these tests fail when the anomaly maps stop ranking defects first (``pytest -k detect``).
+
+* On "oracle" features that mark the defect pixels, the trained modules and the fusion rank those pixels first.
+* End to end with the ``lite`` preset (pretrained EfficientNet-Lite0 + FPFH) on a synthetic class: train.py then
+  inference.py reach I-AUROC and P-AUROC thresholds set from measured values with margin.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+from sklearn.metrics import roc_auc_score
+
+import inference
+import train
+from networks.cmdr import CMDRIAD
+from networks.features import ExtractorConfig, ViTConfig
+from networks.fpfh import FPFHConfig
+from networks.fusion import normalize_scores
+from train import make_optimizers
+from utils.synthetic import SyntheticConfig, generate_dataset
+
+# A feature configuration only by its sizes: 48-d "RGB" and 33-d "3D" features on a 32² grid, fused at 64².
+ORACLE_CONFIG = ExtractorConfig(img_size=64, feature_size=32, rgb=ViTConfig(timm_name=None, embed_dim=48),
+                                xyz=FPFHConfig())
+LATENT = 4
+
+
+def oracle_features(rng: np.random.Generator, mixing: tuple[np.ndarray, np.ndarray], n: int,
+                    defect: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Normal features are two fixed linear images of one smooth 4-d latent field on a disc of valid pixels (so
+    each modality predicts the other); a defect adds a direction outside both images inside an 8 × 8 square.
+
+    Returns:
+        F2D (n, G², 48), F3D (n, G², 33), valid (n, G²), defect mask (n, G²).
+    """
+    grid = ORACLE_CONFIG.grid_size
+    yy, xx = np.mgrid[:grid, :grid]
+    disc = (yy - grid / 2 + 0.5) ** 2 + (xx - grid / 2 + 0.5) ** 2 < (0.42 * grid) ** 2
+    latent = ndimage.gaussian_filter(rng.normal(size=(n, grid, grid, LATENT)), sigma=(0, 3, 3, 0)) * 4 + 1
+    f2d, f3d = latent @ mixing[0], latent @ mixing[1]
+    marked = np.zeros((n, grid, grid), dtype=bool)
+    if defect:
+        for i in range(n):
+            top, left = rng.integers(8, grid - 16, size=2)
+            marked[i, top : top + 8, left : left + 8] = True
+        f2d[marked] += 3.0 * rng.normal(size=f2d.shape[-1])
+        f3d[marked] += 3.0 * rng.normal(size=f3d.shape[-1])
+    f2d, f3d = f2d * disc[..., None], f3d * disc[..., None]
+    as_tensor = lambda a: torch.from_numpy(a.reshape(n, grid * grid, -1)).float()  # noqa: E731
+    valid = torch.from_numpy(np.broadcast_to(disc, (n, grid, grid)).reshape(n, -1).copy())
+    return as_tensor(f2d), as_tensor(f3d), valid, torch.from_numpy((marked & disc).reshape(n, -1))
+
+
+def test_fused_map_ranks_oracle_defect_pixels_first_detect():
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    mixing = (rng.normal(size=(LATENT, ORACLE_CONFIG.rgb_dim)), rng.normal(size=(LATENT, ORACLE_CONFIG.xyz_dim)))
+    model = CMDRIAD(ORACLE_CONFIG).train()
+    optimizers = make_optimizers(model)
+    f2d, f3d, valid, _ = oracle_features(rng, mixing, 16)
+    for step in range(150):
+        pick = torch.from_numpy(rng.choice(16, size=4, replace=False))
+        losses = model.losses(f2d[pick], f3d[pick], valid[pick])
+        for optimizer in optimizers.values():
+            optimizer.zero_grad()
+        sum(losses.values()).backward()
+        for optimizer in optimizers.values():
+            optimizer.step()
+
+    model.eval()
+    good = oracle_features(rng, mixing, 4)
+    bad = oracle_features(rng, mixing, 4, defect=True)
+    with torch.no_grad():
+        psi_good = model.anomaly_map(*good[:3])
+        psi_bad = model.anomaly_map(*bad[:3])
+    # pixels: defect pixels (at the fused 64² resolution) against the other valid pixels of the same images
+    size = ORACLE_CONFIG.img_size
+    upsample = lambda m: torch.nn.functional.interpolate(  # noqa: E731
+        m.reshape(-1, 1, 32, 32).float(), size=(size, size), mode="nearest")[:, 0] > 0
+    defect, valid = upsample(bad[3]), upsample(bad[2])
+    scores = psi_bad[valid].numpy()
+    assert roc_auc_score(defect[valid].numpy(), scores) > 0.97
+    for i in range(4):  # each image's maximum lies on its defect
+        assert defect[i].flatten()[psi_bad[i].argmax()]
+    # images: every defective image scores above every good one
+    _, good_scores, _ = normalize_scores(psi_good)
+    _, bad_scores, _ = normalize_scores(psi_bad)
+    assert bad_scores.min() > good_scores.max()
+
+
+# Measured on the 2-core development CPU with these settings (≈40 s): I-AUROC 0.85, P-AUROC 0.991, AUPRO@30% 0.962;
+# bump 1.0, crack 1.0, dent 0.81, combined 0.96, stain 0.50 (24 test samples: 8 good, 3-4 per defect type). With the
+# final map inverted (x → 1/x on its positive values) both tests of this file fail on their assertions. The thresholds
+# leave a margin for other CPUs' float rounding in training.
+LITE_DATA = SyntheticConfig(classes=("dome",), n_train=16, n_test=24, background="none", seed=3)
+
+
+@pytest.fixture(scope="module")
+def lite_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    work = tmp_path_factory.mktemp("lite")
+    data = generate_dataset(work / "data", LITE_DATA)
+    common = ["--dataset_path", str(data), "--preset", "lite", "--epochs_no", "10", "--batch_size", "2",
+              "--cache_dir", str(work / "cache"), "--device", "cpu"]
+    assert train.main([*common, "--class_name", "dome", "--checkpoint_savepath", str(work / "ckpt")]) == 0
+    assert inference.main([*common, "--class_names", "dome", "--checkpoint_folder", str(work / "ckpt"),
+                           "--results_dir", str(work / "results"), "--run_name", "lite"]) == 0
+    return json.loads((work / "results" / "lite" / "metrics.json").read_text())
+
+
+def test_lite_preset_detects_synthetic_defects_end_to_end_detect(lite_run: dict):
+    metrics = lite_run["classes"]["dome"]
+    assert metrics["I-AUROC"] >= 0.75
+    assert metrics["P-AUROC"] >= 0.95
+    assert metrics["AUPRO@30%"] >= 0.85
+    per_defect = metrics["I-AUROC per defect type"]
+    assert np.mean([per_defect[d] for d in ("bump", "crack", "dent")]) >= 0.8  # what FPFH sees
