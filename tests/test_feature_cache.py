@@ -15,6 +15,7 @@ from networks.features import PRESETS, MultimodalFeatures
 from utils.feature_cache import FeatureCache
 from utils.io import DatasetError
 from utils.mvtec3d import MVTec3DDataset, collate_samples, make_dataloader
+from utils.pipeline import open_split
 
 IMG_SIZE = PRESETS["tiny"].img_size
 
@@ -39,6 +40,21 @@ def test_round_trip_is_exact(extractor: MultimodalFeatures, batch, tmp_path: Pat
     assert (cache.hits, cache.misses) == (4, 4)
     for a, b, c in zip(fresh, computed, cached):
         assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_lite_round_trip_is_exact(dataset_copy: Path, tmp_path: Path):
+    """Per-point FPFH parts and EfficientNet grids come back bit for bit; the lite preset has its own entries."""
+    extractor = MultimodalFeatures("lite")
+    dataset = open_split(extractor, dataset_copy, "dome", "train", "rgbxyz")
+    batch = collate_samples([dataset[0], dataset[1]])
+    fresh = extractor.get_features_maps(batch.rgb, batch.xyz)
+    cache = FeatureCache(extractor, tmp_path / "cache")
+    computed = cache.features(batch)
+    cached = cache.features(batch)
+    assert (cache.hits, cache.misses) == (4, 4)
+    for a, b, c in zip(fresh, computed, cached):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    assert fresh[1].shape == (2, 56 * 56, 33)
 
 
 def test_changed_configuration_never_reuses_entries(extractor: MultimodalFeatures, batch, tmp_path: Path):

@@ -18,6 +18,7 @@ from networks.point_mae import (
     POINTMAE_URL, Block, PointMAEConfig, PointMAEEncoder, WeightsError, _batch_norm, load_pointmae_weights,
 )
 from utils.mvtec3d import MVTec3DDataset, collate_samples
+from utils.pipeline import open_split
 
 # Every parameter name and shape of the reference modules (a copy of shared/spec/reference_state_dicts.json).
 REFERENCE = Path(__file__).resolve().parent / "data" / "reference_state_dicts.json"
@@ -258,3 +259,14 @@ def test_random_point_mae_uses_its_own_initialisation():
     weight = encoder.blocks.blocks[0].attn.qkv.weight
     assert 0.015 < weight.std() < 0.025  # trunc_normal(std=0.02), not the much wider PyTorch default
     assert torch.all(encoder.encoder.first_conv[0].bias == 0)
+
+
+def test_lite_foreground_mask_is_the_support_of_f3d_on_its_grid(synthetic_root):
+    """The 2D-only model's valid pixels on the lite preset's 56² grid are those where F3D (FPFH) is non-zero."""
+    extractor = MultimodalFeatures("lite", modality="xyz")
+    dataset = open_split(extractor, synthetic_root, "dome", "test", "xyz")
+    batch = collate_samples([dataset[0], dataset[1]])
+    _, f3d = extractor.get_features_maps(None, batch.xyz)
+    mask = foreground_mask(batch.xyz, extractor.grid_size)
+    assert mask.shape == (2, 56 * 56) and mask.any()
+    assert torch.equal(mask, (f3d != 0).any(dim=-1))

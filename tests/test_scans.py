@@ -142,11 +142,12 @@ def test_split_by_scan_keeps_scans_apart(scans_dir: Path, tmp_path: Path):
     assert np.all(data.labels[data.split == "unused"] == 1)
 
 
-def test_train_and_inference(scans_dir: Path, tmp_path: Path):
+@pytest.mark.parametrize("preset", ["tiny", "lite"])
+def test_train_and_inference(scans_dir: Path, tmp_path: Path, preset: str):
     assert build_dataset.main([str(scans_dir), "--out", str(tmp_path / "data"), "--chunk_size", str(CHUNK),
                                "--tau", "0.0002", "--detector", "lof"]) == 0
-    model = ["--data", str(tmp_path / "data"), "--checkpoint", str(tmp_path / "dec.pth"), "--preset", "tiny",
-             "--random_init", "--device", "cpu"]
+    model = ["--data", str(tmp_path / "data"), "--checkpoint", str(tmp_path / "dec.pth"), "--preset", preset,
+             *(["--random_init"] if preset == "tiny" else []), "--device", "cpu"]
     assert train.main([*model, "--epochs_no", "2", "--batch_size", "4"]) == 0
     assert list((tmp_path / "data").glob("scan_features_*.pt")), "train features cached"
     assert inference.main([*model, "--results_dir", str(tmp_path / "res"), "--run_name", "n", "--save_maps"]) == 0
