@@ -81,8 +81,9 @@ def evaluate_class(class_name: str, config: RunConfig, cache: FeatureCache, fusi
             pixel_maps.append(maps[1])
             if save_maps:
                 xyz = None if batch.xyz is None else batch.xyz[i].permute(1, 2, 0).numpy()
-                panels.append((record, denormalize_rgb(batch.rgb[i], dataset.normalization), xyz, batch.gt[i, 0].numpy() > 0,
-                               aupro_map[i].cpu().numpy(), image_scores[-1]))
+                rgb = denormalize_rgb(batch.rgb[i], dataset.normalization)
+                panels.append((record, rgb, xyz, batch.gt[i, 0].numpy() > 0, aupro_map[i].cpu().numpy(),
+                               image_scores[-1]))
             if save_raw_maps:  # the map for AUPRO at the network size, e.g. for scripts/make_figures.py
                 with atomic_path(run_dir / "maps" / class_name / f"{record.defect_type}_{record.stem}.npy") as tmp:
                     with tmp.open("wb") as handle:

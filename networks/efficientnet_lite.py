@@ -146,7 +146,8 @@ def verify_sha256(path: Path, expected: str, fix: str) -> None:
                            f"{expected[:16]}… (damaged or other file): {fix}")
 
 
-_STEM_AND_HEAD = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+_STEM_AND_HEAD = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2",
+                  "_fc": "classifier"}
 # Inside a block: depthwise-separable blocks (no expansion) have dw → pw; inverted residual blocks pw → dw → pwl.
 _DS_BLOCK = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
 _IR_BLOCK = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
