@@ -20,8 +20,8 @@ import torch
 from tqdm import tqdm
 
 from networks.cmdr import masked_cosine_loss
-from scans.build_dataset import load
 from networks.features import PRESETS
+from scans.build_dataset import load
 from scans.model import build_decoder, build_extractor, chunk_parts
 from utils.checkpoints import versions
 from utils.io import atomic_path, write_text_atomic

@@ -14,7 +14,7 @@ import pytest
 from utils.io import atomic_path
 from utils.metrics import (
     AUPRO_LIMITS, METRIC_KEYS, PAPER_NUM_THRESHOLDS, aupro_key, calculate_au_pro, class_metrics, image_auroc,
-    pixel_auroc, trapezoid,
+    image_auroc_per_defect, pixel_auroc, trapezoid,
 )
 from utils.results import write_results
 from utils.transforms import mask_to_tensor, to_native_resolution
@@ -210,6 +210,17 @@ def test_image_auroc_matches_mann_whitney():
     labels = rng.integers(0, 2, 40)
     scores = np.round(rng.random(40) + 0.3 * labels, 1)  # with ties
     assert image_auroc(labels, scores) == pytest.approx(brute_auroc(labels, scores))
+
+
+def test_image_auroc_per_defect_compares_each_type_with_the_good_samples_only():
+    defects = ["good", "dent", "stain", "good", "dent", "stain", "good"]
+    labels = [0, 1, 1, 0, 1, 1, 0]
+    scores = [0.5, 0.9, 0.1, 0.3, 0.4, 0.2, 0.6]
+    per_defect = image_auroc_per_defect(defects, labels, scores)
+    assert list(per_defect) == ["dent", "stain"]
+    good = [0.5, 0.3, 0.6]
+    assert per_defect["dent"] == pytest.approx(brute_auroc([0, 0, 0, 1, 1], good + [0.9, 0.4]))
+    assert per_defect["stain"] == pytest.approx(brute_auroc([0, 0, 0, 1, 1], good + [0.1, 0.2])) == 0.0
 
 
 def test_pixel_auroc_matches_mann_whitney():
