@@ -28,6 +28,7 @@ from scans.train import add_model_arguments, load_data_and_extractor, sidecar_of
 from utils.io import atomic_path, write_text_atomic
 from utils.metrics import calculate_au_pro, image_auroc, pixel_auroc
 from utils.pipeline import setup_logging
+from utils.results import json_safe
 from utils.visualization import colormap
 
 logger = logging.getLogger("scans.inference")
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                "n_test": len(test), "n_anomalous": int(labels.sum()), "fps": len(test) / seconds,
                "config": {**vars(args), "dataset": json.loads((args.data / "dataset.json").read_text())["config"]}}
     run_dir = args.results_dir / args.run_name
-    text = json.dumps(metrics, indent=2, default=str).replace("NaN", "null")
+    text = json.dumps(json_safe(metrics), indent=2, allow_nan=False)
     write_text_atomic(run_dir / "metrics.json", text + "\n")
     if args.save_maps:
         scale = max(max(scores), 1e-12)

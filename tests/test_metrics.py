@@ -6,6 +6,7 @@ import csv
 import json
 import logging
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -278,6 +279,20 @@ def test_failed_write_keeps_previous_file(tmp_path: Path):
         raise RuntimeError("interrupted")
     assert target.read_text() == "previous"
     assert list(tmp_path.iterdir()) == [target]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_atomic_writes_get_the_permissions_of_a_plain_open(tmp_path: Path, umask: int):
+    """mkstemp creates 0600 files; a result, checkpoint or cache entry must be readable like any file we write."""
+    previous = os.umask(umask)
+    try:
+        with atomic_path(tmp_path / "atomic.txt") as tmp:
+            tmp.write_text("x")
+        (tmp_path / "plain.txt").write_text("x")
+    finally:
+        os.umask(previous)
+    mode = (tmp_path / "atomic.txt").stat().st_mode & 0o777
+    assert mode == (tmp_path / "plain.txt").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 # --- native resolution -----------------------------------------------------------------------------------------------

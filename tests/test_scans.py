@@ -150,12 +150,14 @@ def test_train_and_inference(scans_dir: Path, tmp_path: Path, preset: str):
              *(["--random_init"] if preset == "tiny" else []), "--device", "cpu"]
     assert train.main([*model, "--epochs_no", "2", "--batch_size", "4"]) == 0
     assert list((tmp_path / "data").glob("scan_features_*.pt")), "train features cached"
-    assert inference.main([*model, "--results_dir", str(tmp_path / "res"), "--run_name", "n", "--save_maps"]) == 0
-    metrics = json.loads((tmp_path / "res" / "n" / "metrics.json").read_text())
+    run = "NaN_sweep"  # a name with "NaN" in it stays as it is (only NaN values become null)
+    assert inference.main([*model, "--results_dir", str(tmp_path / "res"), "--run_name", run, "--save_maps"]) == 0
+    metrics = json.loads((tmp_path / "res" / run / "metrics.json").read_text())
+    assert metrics["config"]["run_name"] == run
     for key in ("I-AUROC", "P-AUROC", "AUPRO@30%"):
         assert metrics[key] is None or 0.0 <= metrics[key] <= 1.0
     assert metrics["n_test"] >= metrics["n_anomalous"] > 0 and metrics["fps"] > 0
-    assert len(list((tmp_path / "res" / "n" / "maps").glob("*.png"))) == metrics["n_test"]
+    assert len(list((tmp_path / "res" / run / "maps").glob("*.png"))) == metrics["n_test"]
 
 
 def test_inference_refuses_a_checkpoint_of_another_configuration(scans_dir: Path, tmp_path: Path):

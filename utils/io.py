@@ -98,6 +98,13 @@ def read_xyz(path: str | Path) -> np.ndarray:
 
 
 
+def _plain_file_mode() -> int:
+    """The permissions of a file created by ``open(path, "w")`` under the current umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; move it onto ``path`` only if the block succeeds.
@@ -110,6 +117,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, _plain_file_mode())  # mkstemp makes 0600 files; give what open(path, "w") would
     os.close(fd)
     tmp = Path(tmp_name)
     try:
