@@ -131,7 +131,7 @@ def build(scans_dir: Path, out_dir: Path, config: ScanDatasetConfig) -> ScanChun
     contamination = CONTAMINATION[config.level]
     for index, path in enumerate(tqdm(files, desc="scans", unit="scan")):
         points = read_points(path)
-        flagged = outlier_mask(points, config.detector, contamination)
+        flagged = outlier_mask(points, config.detector, contamination, config.seed)
         n_chunks = len(points) // config.chunk_size
         if n_chunks == 0:
             logger.warning("%s: %d points, fewer than one chunk of %d; skipped", path, len(points), config.chunk_size)

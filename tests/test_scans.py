@@ -118,6 +118,19 @@ def scans_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+def test_seed_reaches_the_isolation_forest(scans_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    seeds = []
+    original = build_dataset.IsolationForest
+
+    def recording_forest(**kwargs):
+        seeds.append(kwargs["random_state"])
+        return original(**kwargs)
+
+    monkeypatch.setattr(build_dataset, "IsolationForest", recording_forest)
+    build(scans_dir, tmp_path, ScanDatasetConfig(detector="iso", chunk_size=CHUNK, seed=7))
+    assert seeds and set(seeds) == {7}
+
+
 def test_build_chunks_labels_and_split(scans_dir: Path, tmp_path: Path):
     config = ScanDatasetConfig(detector="hybrid", level="high", chunk_size=CHUNK, tau=0.0002)
     data = build(scans_dir, tmp_path, config)
