@@ -186,10 +186,15 @@ def test_good_test_samples_may_lack_gt(dataset_copy: Path):
     assert not dataset[good[0]].gt.any()
 
 
-def test_batch_to_device_keeps_metadata(synthetic_root: Path, synthetic_config: SyntheticConfig):
+def test_batch_to_device_moves_every_tensor_and_keeps_metadata(synthetic_root: Path,
+                                                              synthetic_config: SyntheticConfig):
     dataset = MVTec3DDataset(synthetic_root, "dome", "test", img_size=IMG_SIZE)
-    batch = collate_samples([dataset[0], dataset[1]]).to("cpu")
-    assert len(batch) == 2 and batch.original_sizes == [synthetic_config.size] * 2
+    batch = collate_samples([dataset[0], dataset[1]])
+    moved = batch.to("meta")  # a device other than the CPU that every machine has
+    assert all(t.device.type == "meta" for t in (moved.rgb, moved.xyz, moved.gt, moved.label))
+    assert moved.rgb.shape == batch.rgb.shape and moved.xyz.shape == batch.xyz.shape
+    assert len(moved) == 2 and moved.records == batch.records
+    assert moved.original_sizes == [synthetic_config.size] * 2
 
 
 def test_class_resolution(synthetic_root: Path, synthetic_config: SyntheticConfig):

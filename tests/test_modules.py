@@ -65,10 +65,12 @@ def test_window_attention_is_local_and_pads():
     torch.testing.assert_close(attention(padded)[:, :10], out)
 
 
-def test_decoder2d_is_deterministic_in_eval_mode():
-    decoder = Decoder2D(dim=16, img_size=16, num_heads=2, window_size=128, conv_channels=(8, 4)).eval()
-    x = torch.randn(1, 256, 16)
-    assert torch.equal(decoder(x), decoder(x))
+def test_decoder2d_dropout_acts_only_in_training():
+    torch.manual_seed(0)
+    decoder = Decoder2D(dim=16, img_size=16, num_heads=2, window_size=128, conv_channels=(8, 4))
+    x = torch.randn(2, 256, 16)
+    assert not torch.equal(decoder.train()(x), decoder(x)), "dropout is active while training"
+    assert torch.equal(decoder.eval()(x), decoder(x)), "and off in eval mode: inference is deterministic"
 
 
 def test_masked_cosine_loss_matches_definition():

@@ -14,7 +14,7 @@ import inference
 import train
 from networks.cmdr import MODULES_OF_MODALITY, build_module
 from networks.features import PRESETS
-from utils.checkpoints import CheckpointError, module_path, resume_path, sidecar_path
+from utils.checkpoints import module_path, resume_path, sidecar_path
 from utils.metrics import METRIC_KEYS
 
 EPOCHS = 2
@@ -190,7 +190,3 @@ def test_unknown_class(synthetic_root: Path, tmp_path: Path, caplog: pytest.LogC
     with caplog.at_level(logging.ERROR):
         assert run_train(synthetic_root, tmp_path, classes=("bagel",)) == 1
     assert "bagel not found" in caplog.text
-
-
-def test_checkpoint_error_type_is_exported():
-    assert issubclass(CheckpointError, RuntimeError)
