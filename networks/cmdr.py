@@ -1,29 +1,30 @@
 """The trainable part of CMDR-IAD: two cross-modal mapping MLPs and two reconstruction decoders.
 
-:class:`CMDRIAD` is a pure ``nn.Module``: given frozen features it returns per-module losses (training) and
-distance maps and the fused anomaly map (inference). Optimisers, data and checkpoints live in ``train.py``,
-``inference.py`` and :mod:`utils.checkpoints`.
+:class:`CMDRIAD` is the harness's ``cmdr`` detector (:mod:`networks.detector`): given frozen features it returns
+per-module losses (training) and distance maps and the fused anomaly map (inference). Each module has its own
+Adam optimiser. Data, the training loop and checkpoints live in ``train.py``, ``inference.py`` and
+:mod:`utils.checkpoints`.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from networks.decoders import Decoder2D, Decoder3D
+from networks.detector import (
+    MODALITIES, Detector, OptimizerGroup, feature_distance, masked_cosine_loss, register_detector,
+)
 from networks.features import ExtractorConfig
-from networks.fusion import fuse, resize_map, single_modality_map
+from networks.fusion import FUSION_VARIANTS, fuse, single_modality_map
 from networks.mapping import FeatureMappingMLP
 
 MODULE_NAMES = ("map2Dto3D", "map3Dto2D", "Dec2D", "Dec3D")
-MODALITIES = ("rgbxyz", "rgb", "xyz")
 MODULES_OF_MODALITY = {"rgbxyz": MODULE_NAMES, "rgb": ("Dec2D",), "xyz": ("Dec3D",)}
 # Which features each module reads and which it predicts.
 _INPUT_AND_TARGET = {"map2Dto3D": ("2d", "3d"), "map3Dto2D": ("3d", "2d"), "Dec2D": ("2d", "2d"), "Dec3D": ("3d", "3d")}
 # The distance map each module yields, by the method's names.
 DISTANCE_NAMES = {"map3Dto2D": "d_map2d", "map2Dto3D": "d_map3d", "Dec2D": "d_rec2d", "Dec3D": "d_rec3d"}
-LOSS_EPS = 1e-6
 
 
 def build_module(name: str, config: ExtractorConfig) -> nn.Module:
@@ -43,24 +44,8 @@ def build_module(name: str, config: ExtractorConfig) -> nn.Module:
     raise ValueError(f"unknown module {name!r}; choose from {MODULE_NAMES}")
 
 
-def masked_cosine_loss(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """1 − mean over valid pixels (of the whole batch) of cos(prediction, target); F.normalize eps 1e-6.
-
-    Args:
-        prediction, target: (B, P, C).
-        mask: (B, P) bool.
-    """
-    cosine = (F.normalize(prediction, dim=-1, eps=LOSS_EPS) * F.normalize(target, dim=-1, eps=LOSS_EPS)).sum(-1)
-    return 1.0 - cosine[mask].mean()
-
-
-def feature_distance(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """‖a/‖a‖ − b/‖b‖‖₂ per pixel (F.normalize default eps), zero on invalid pixels: (B, P, C) → (B, P)."""
-    distance = torch.linalg.vector_norm(F.normalize(prediction, dim=-1) - F.normalize(target, dim=-1), dim=-1)
-    return distance * mask.to(distance.dtype)
-
-
-class CMDRIAD(nn.Module):
+@register_detector
+class CMDRIAD(Detector):
     """The four trainable modules of CMDR-IAD (only those the modality needs are built).
 
     Args:
@@ -68,19 +53,20 @@ class CMDRIAD(nn.Module):
         modality: ``rgbxyz`` (all four), ``rgb`` (Dec2D) or ``xyz`` (Dec3D).
     """
 
+    name = "cmdr"
+    modalities = MODALITIES
+    fusion_variants = FUSION_VARIANTS
+    reference_defaults = {"epochs_no": 50, "batch_size": 1}
+
     def __init__(self, config: ExtractorConfig, modality: str = "rgbxyz") -> None:
-        super().__init__()
-        if modality not in MODALITIES:
-            raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
-        self.config = config
-        self.modality = modality
+        super().__init__(config, modality)
         self.module_names = MODULES_OF_MODALITY[modality]
         for name in self.module_names:  # built in a fixed order: initialisation is reproducible for a seed
             self.add_module(name, build_module(name, config))
 
-    def trainable(self) -> dict[str, nn.Module]:
-        """The built modules by reference name."""
-        return {name: getattr(self, name) for name in self.module_names}
+    def optimizer_groups(self) -> dict[str, OptimizerGroup]:
+        """One Adam per module, each driven by its own loss (method.md §3)."""
+        return {name: OptimizerGroup((name,), (name,)) for name in self.module_names}
 
     def _predictions(self, f2d: torch.Tensor | None, f3d: torch.Tensor | None):
         features = {"2d": f2d, "3d": f3d}
@@ -107,21 +93,11 @@ class CMDRIAD(nn.Module):
             for name, pred, target in self._predictions(f2d, f3d)
         }
 
-    def anomaly_map(
-        self, f2d: torch.Tensor | None, f3d: torch.Tensor | None, mask: torch.Tensor, variant: str = "full"
-    ) -> torch.Tensor:
-        """The final smoothed anomaly map Ψ (B, S, S) of the modality (``variant`` applies to ``rgbxyz``).
-
-        On a feature grid smaller than the input (G < S) the distance maps are upsampled bilinearly and the valid
-        mask by nearest neighbour to S before the fusion, whose smoothing kernels are sized for S.
-        """
-        maps = self.distance_maps(f2d, f3d, mask)
-        grid, size = self.config.grid_size, self.config.img_size
-        valid = mask.reshape(-1, grid, grid)
-        if grid != size:
-            maps = {name: resize_map(distance, size, "bilinear") for name, distance in maps.items()}
-            valid = resize_map(valid.float(), size, "nearest") > 0
+    def fuse(self, maps: dict[str, torch.Tensor], valid: torch.Tensor, variant: str = "full") -> torch.Tensor:
+        """Ψ of the modality: Eq. 7 (or ``variant``) for ``rgbxyz``, the single reconstruction map otherwise."""
         if self.modality == "rgbxyz":
             return fuse(maps["d_map2d"], maps["d_map3d"], maps["d_rec2d"], maps["d_rec3d"], valid, variant)
+        if variant != "full":
+            raise ValueError("--fusion applies to --modality rgbxyz only")
         distance = maps["d_rec2d"] if self.modality == "rgb" else maps["d_rec3d"]
         return single_modality_map(distance, valid, self.modality)

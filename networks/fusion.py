@@ -77,7 +77,7 @@ def _soft_min_pair(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return weights[0] * a + weights[1] * b
 
 
-def _final(psi: torch.Tensor, valid_mask: torch.Tensor) -> torch.Tensor:
+def final_smoothing(psi: torch.Tensor, valid_mask: torch.Tensor) -> torch.Tensor:
     """Ψ ← 0 on invalid pixels, then box(7, 3)(box(5, 5)(Ψ))."""
     return box_filter(box_filter(psi * valid_mask.to(psi.dtype), 5, 5), 7, 3)
 
@@ -123,14 +123,14 @@ def fuse(
         psi = confidence_weighted_reconstruction_anomaly(d_rec2d, d_rec3d)
     else:  # map_only
         psi = alpha * joint
-    return _final(psi, valid_mask)
+    return final_smoothing(psi, valid_mask)
 
 
 def single_modality_map(distance: torch.Tensor, valid_mask: torch.Tensor, modality: str) -> torch.Tensor:
     """Ψ of the 2D-only (``rgb``: d_rec2d, pre-smoothed) or 3D-only (``xyz``: d_rec3d) model (method.md §4.2)."""
     if modality not in ("rgb", "xyz"):
         raise ValueError(f"modality must be 'rgb' or 'xyz', got {modality!r}")
-    return _final(pre_smooth_rgb_reconstruction(distance) if modality == "rgb" else distance, valid_mask)
+    return final_smoothing(pre_smooth_rgb_reconstruction(distance) if modality == "rgb" else distance, valid_mask)
 
 
 def normalize_scores(psi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

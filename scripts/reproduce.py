@@ -1,10 +1,10 @@
 """Train and evaluate a set of classes for one configuration, resumably: one command per table row.
 
-    python scripts/reproduce.py --dataset_path D [--class_name all] [--modality rgbxyz|rgb|xyz]
-        [--fusion full|case1..case6|rec_only|map_only] [--seed 115] [--preset paper] [--results_dir results]
-        [--run_name NAME] [--save_raw_maps] [train.py options ...]
+    python scripts/reproduce.py --dataset_path D [--class_name all] [--model cmdr|cfm|mafr]
+        [--modality rgbxyz|rgb|xyz] [--fusion full|case1..case6|rec_only|map_only] [--seed 115] [--preset paper]
+        [--results_dir results] [--run_name NAME] [--save_raw_maps] [train.py options ...]
 
-For each class: train (skipped when its checkpoints exist; an interrupted training continues), evaluate, and
+For each class: train (skipped when the identical run finished; an interrupted training continues), evaluate, and
 store the class's metrics in ``<results_dir>/<run_name>/classes/<class>.json``; a class whose metrics exist is
 skipped, so rerunning the command after an interruption finishes the job. A progress line per class; at the end
 ``metrics.json|md|csv`` for all classes. Configurations share the feature cache (it is keyed by the extractor, not
@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from inference import evaluate_class  # noqa: E402
+from inference import check_fusion, evaluate_class  # noqa: E402
 from networks.fusion import FUSION_VARIANTS  # noqa: E402
 from train import train_class  # noqa: E402
 from utils.checkpoints import CheckpointError, versions  # noqa: E402
@@ -40,13 +40,15 @@ def main(argv: list[str] | None = None) -> int:
     add_run_arguments(parser, training=True)
     parser.add_argument("--fusion", choices=FUSION_VARIANTS, default="full")
     parser.add_argument("--results_dir", type=Path, default=Path("results"))
-    parser.add_argument("--run_name", help="default: <modality>_<fusion>_<preset>_seed<seed>")
+    parser.add_argument("--run_name", help="default: <model>_<modality>_<fusion>_<preset>_seed<seed>")
     parser.add_argument("--eval_resolution", choices=("input", "native"), default="input")
     parser.add_argument("--save_raw_maps", action="store_true")
     args = parse_run_args(parser, argv)
     setup_logging()
     config = RunConfig.from_args(args)
-    run_dir = args.results_dir / (args.run_name or f"{config.modality}_{args.fusion}_{config.preset}_seed{config.seed}")
+    check_fusion(parser, config, args.fusion)
+    default_name = f"{config.model}_{config.modality}_{args.fusion}_{config.preset}_seed{config.seed}"
+    run_dir = args.results_dir / (args.run_name or default_name)
     run_config = {**config.to_dict(), "fusion": args.fusion, "eval_resolution": args.eval_resolution}
     try:
         class_names, cache = prepare_run(config)

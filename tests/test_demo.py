@@ -24,7 +24,7 @@ def test_demo_passes_weight_files_to_training_and_inference(tmp_path: Path):
     out = tmp_path / "demo"
     assert demo.main(["--out", str(out), "--preset", "tiny", "--epochs_no", "1", "--n_train", "4", "--n_test", "6",
                       "--rgb_weights", str(rgb), "--pointmae_weights", str(pointmae)]) == 0
-    run = out / "results" / "tiny_demo"
+    run = out / "results" / "cmdr_tiny_demo"
     extractor = json.loads((run / "metrics.json").read_text())["config"]["extractor"]
     assert extractor["rgb_weights"] == str(rgb) and extractor["pointmae_weights"] == str(pointmae)
     assert sorted(p.name for p in (run / "maps" / "dome").glob("good_*.png"))

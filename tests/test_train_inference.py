@@ -12,9 +12,9 @@ from PIL import Image
 
 import inference
 import train
-from networks.cmdr import MODULES_OF_MODALITY, build_module
+from networks.cmdr import CMDRIAD, MODULES_OF_MODALITY, build_module
 from networks.features import PRESETS
-from utils.checkpoints import module_path, resume_path, sidecar_path
+from utils.checkpoints import module_path, resume_path, run_folder, sidecar_path
 from utils.metrics import METRIC_KEYS
 
 EPOCHS = 2
@@ -110,7 +110,7 @@ def test_training_is_deterministic(synthetic_root: Path, trained: Path, tmp_path
 def test_resume_continues_an_interrupted_run_exactly(synthetic_root: Path, trained: Path, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch):
     steps_per_epoch = 4  # n_train of the test dataset, batch size 1
-    original = train.CMDRIAD.losses
+    original = CMDRIAD.losses
     calls = {"n": 0}
 
     def interrupted(self, *args, **kwargs):
@@ -119,12 +119,12 @@ def test_resume_continues_an_interrupted_run_exactly(synthetic_root: Path, train
             raise KeyboardInterrupt  # killed during the second epoch
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(train.CMDRIAD, "losses", interrupted)
+    monkeypatch.setattr(CMDRIAD, "losses", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_train(synthetic_root, tmp_path)
     assert resume_path(tmp_path / "ckpt", "dome", EPOCHS, 1).is_file()
     assert not sidecar_path(tmp_path / "ckpt", "dome", EPOCHS, 1).exists()
-    monkeypatch.setattr(train.CMDRIAD, "losses", original)
+    monkeypatch.setattr(CMDRIAD, "losses", original)
     assert run_train(synthetic_root, tmp_path, "--resume") == 0
     resumed, reference = state_dicts(tmp_path), state_dicts(trained)
     for name in reference:
@@ -143,17 +143,28 @@ def test_resume_skips_finished_classes(synthetic_root: Path, trained: Path, capl
 @pytest.mark.parametrize("modality", ["rgb", "xyz"])
 def test_single_modality_round_trip(synthetic_root: Path, tmp_path: Path, modality: str):
     assert run_train(synthetic_root, tmp_path, modality=modality) == 0
-    files = sorted(p.name.split("_")[0] for p in (tmp_path / "ckpt" / "dome").glob("*.pth"))
+    folder = run_folder(tmp_path / "ckpt", "cmdr", modality, 115) / "dome"
+    assert folder == tmp_path / "ckpt" / f"cmdr_{modality}_seed115" / "dome"
+    files = sorted(p.name.split("_")[0] for p in folder.glob("*.pth"))
     assert files == sorted(MODULES_OF_MODALITY[modality])
     assert run_inference(synthetic_root, tmp_path, modality=modality) == 0
     document = json.loads((tmp_path / "results" / "run" / "metrics.json").read_text())
     assert document["config"]["modality"] == modality
 
 
-def test_missing_checkpoint_is_a_clear_error(synthetic_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture):
+def test_missing_checkpoint_is_a_clear_error(synthetic_root: Path, trained: Path, tmp_path: Path,
+                                             caplog: pytest.LogCaptureFixture):
     with caplog.at_level(logging.ERROR):
         assert run_inference(synthetic_root, tmp_path) == 1
-    assert "not found" in caplog.text and "map2Dto3D_dome_independent_2ep_1bs.pth" in caplog.text
+    assert "no trained run for dome" in caplog.text and "python train.py" in caplog.text
+    (tmp_path / "ckpt" / "dome").mkdir(parents=True)
+    for path in (trained / "ckpt" / "dome").iterdir():  # a run whose Dec3D file is missing
+        if not path.name.startswith("Dec3D"):
+            (tmp_path / "ckpt" / "dome" / path.name).write_bytes(path.read_bytes())
+    caplog.clear()
+    with caplog.at_level(logging.ERROR):
+        assert run_inference(synthetic_root, tmp_path) == 1
+    assert "not found" in caplog.text and "Dec3D_dome_independent_2ep_1bs.pth" in caplog.text
 
 
 def test_checkpoint_of_another_configuration_is_refused(synthetic_root: Path, trained: Path,

@@ -1,14 +1,15 @@
 """Checkpoints of the trainable modules: the contract's file names, a JSON sidecar, atomic writes, resume state.
 
-Files (overview.md "Checkpoints")::
+Files (overview.md "Checkpoints"), in the run folder :func:`run_folder` gives::
 
-    <savepath>/<class>/{map2Dto3D,map3Dto2D,Dec2D,Dec3D}_<class>_independent_<E>ep_<B>bs.pth   plain state_dicts
-    <savepath>/<class>/<class>_independent_<E>ep_<B>bs.json                                  sidecar (configuration)
-    <savepath>/<class>/resume_<class>_independent_<E>ep_<B>bs.pth                            while training runs
+    <run>/<class>/{map2Dto3D,map3Dto2D,Dec2D,Dec3D}_<class>_independent_<E>ep_<B>bs.pth   plain state_dicts
+    <run>/<class>/<class>_independent_<E>ep_<B>bs.json                                  sidecar (run identity)
+    <run>/<class>/resume_<class>_independent_<E>ep_<B>bs.pth                            while training runs
 
-The module files hold plain state dicts with the reference parameter names, so the authors' checkpoints load
-unchanged (without a sidecar: a warning, as nothing can be verified). The sidecar is written last: a class whose
-sidecar exists has finished training.
+The run folder is ``<savepath>`` itself for CMDR-IAD's full model with the paper's seed (the authors' layout, so
+their checkpoints load unchanged; without a sidecar: a warning, as nothing can be verified) and
+``<savepath>/<model>_<modality>_seed<seed>`` for every other method, modality or seed, so that two runs never
+share files. The sidecar is written last: a class whose sidecar exists has finished training.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import platform
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,7 @@ from torch import nn
 
 from networks.point_mae import load_state_dict_checked
 from utils.io import atomic_path, write_text_atomic
+from utils.pipeline import DEFAULT_SEED
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +38,16 @@ CODE_VERSION = "0.1.0"
 
 class CheckpointError(RuntimeError):
     """Checkpoints are missing, damaged, or belong to another configuration."""
+
+
+AUTHORS_LAYOUT = ("cmdr", "rgbxyz", DEFAULT_SEED)  # (model, modality, seed) whose files sit in <savepath>/<class>/
+
+
+def run_folder(savepath: str | Path, model: str, modality: str, seed: int) -> Path:
+    """The folder of one (method, modality, seed): ``savepath`` for the authors' layout, a sub-folder otherwise."""
+    if (model, modality, seed) == AUTHORS_LAYOUT:
+        return Path(savepath)
+    return Path(savepath) / f"{model}_{modality}_seed{seed}"
 
 
 def checkpoint_stem(class_name: str, epochs: int, batch_size: int) -> str:
@@ -51,6 +64,40 @@ def sidecar_path(savepath: str | Path, class_name: str, epochs: int, batch_size:
 
 def resume_path(savepath: str | Path, class_name: str, epochs: int, batch_size: int) -> Path:
     return Path(savepath) / class_name / f"resume_{checkpoint_stem(class_name, epochs, batch_size)}.pth"
+
+
+def trained_runs(savepath: str | Path, class_name: str) -> list[tuple[int, int]]:
+    """(epochs, batch size) of every run of ``class_name`` under ``savepath``: finished sidecars and module files
+    (the authors' checkpoints have no sidecar), resume states excluded; sorted."""
+    folder = Path(savepath) / class_name
+    stem = re.compile(rf"(?:^|_){re.escape(class_name)}_independent_(\d+)ep_(\d+)bs\.(?:json|pth)$")
+    runs = set()
+    for path in folder.glob("*") if folder.is_dir() else ():
+        if not path.name.startswith("resume_") and (match := stem.search(path.name)):
+            runs.add((int(match[1]), int(match[2])))
+    return sorted(runs)
+
+
+def select_run(savepath: str | Path, class_name: str, epochs: int | None, batch_size: int | None
+               ) -> tuple[int, int]:
+    """The (epochs, batch size) of the run to load: the given values, or the only run in the folder that fits.
+
+    Raises:
+        CheckpointError: no run fits (with the training command), or several do (listed).
+    """
+    if epochs is not None and batch_size is not None:
+        return epochs, batch_size
+    runs = [(e, b) for e, b in trained_runs(savepath, class_name)
+            if epochs in (None, e) and batch_size in (None, b)]
+    if len(runs) == 1:
+        return runs[0]
+    folder = Path(savepath) / class_name
+    if not runs:
+        raise CheckpointError(f"no trained run for {class_name} in {folder}: train it with `python train.py "
+                              f"--class_name {class_name} ...` (same --model/--modality/--seed), or point "
+                              "--checkpoint_folder at the folder that holds it")
+    listed = ", ".join(f"--epochs_no {e} --batch_size {b}" for e, b in runs)
+    raise CheckpointError(f"{folder} holds several runs ({listed}): pick one with --epochs_no / --batch_size")
 
 
 def versions() -> dict[str, str]:
@@ -114,8 +161,8 @@ def load_modules(modules: Mapping[str, nn.Module], savepath: str | Path, class_n
         if not path.is_file():
             raise CheckpointError(
                 f"checkpoint {path} not found: train it with `python train.py --class_name {class_name} "
-                f"--epochs_no {epochs} --batch_size {batch_size} ...` or pass --checkpoint_folder/--epochs_no/"
-                "--batch_size of an existing run"
+                f"--epochs_no {epochs} --batch_size {batch_size} ...` (same --model/--modality/--seed) or pass "
+                "--checkpoint_folder/--epochs_no/--batch_size of an existing run"
             )
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import random
 from dataclasses import dataclass, field
@@ -12,7 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from networks.cmdr import MODALITIES
+from networks.detector import MODALITIES, Detector
+from networks.detectors import DEFAULT_MODEL, build_detector, detector_class, detector_names, parse_model_options
 from networks.features import PRESETS, MultimodalFeatures, foreground_mask
 from utils.feature_cache import FeatureCache
 from utils.mvtec3d import (
@@ -32,9 +34,12 @@ class RunConfig:
 
     dataset_path: Path
     class_names: list[str] = field(default_factory=lambda: ["all"])
+    model: str = DEFAULT_MODEL
+    model_option: list[str] = field(default_factory=list)
     modality: str = "rgbxyz"
-    epochs_no: int = 50
-    batch_size: int = 1
+    epochs_no: int | None = 50  # inference: None = the only run in the folder
+    batch_size: int | None = 1  # training batch size (inference: of the checkpoint, None = the only run)
+    eval_batch_size: int = 1
     checkpoint_dir: Path = DEFAULT_CHECKPOINTS
     preset: str = "paper"
     rgb_weights: Path | None = None
@@ -53,6 +58,21 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {name: (str(v) if isinstance(v, Path) else v) for name, v in vars(self).items()}
+
+    @property
+    def model_options(self) -> dict[str, Any]:
+        """The ``--model_option NAME=VALUE`` pairs as constructor keywords of the method (checked)."""
+        return parse_model_options(self.model, self.model_option)
+
+    @property
+    def run_dir(self) -> Path:
+        """The checkpoint folder of this (model, modality, seed); see :func:`utils.checkpoints.run_folder`."""
+        from utils.checkpoints import run_folder  # checkpoints imports this module's DEFAULT_SEED
+        return run_folder(self.checkpoint_dir, self.model, self.modality, self.seed)
+
+    def build_detector(self, extractor: MultimodalFeatures) -> Detector:
+        """The run's method sized for the extractor's features, on the extractor's device."""
+        return build_detector(self.model, extractor.config, self.modality, **self.model_options).to(extractor.device)
 
 
 def add_feature_arguments(
@@ -89,19 +109,46 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, training: bool) -> Non
         ("--checkpoint_savepath", "--checkpoint_folder") if training else ("--checkpoint_folder", "--checkpoint_savepath")
     )
     add_feature_arguments(parser, class_flags=class_flags)
-    parser.add_argument("--epochs_no", type=int, default=50, help="training epochs (inference: of the checkpoint)")
-    parser.add_argument("--batch_size", type=int, default=1)
+    add_model_arguments(parser)
+    if training:
+        parser.add_argument("--epochs_no", type=int, default=50, help="training epochs")
+        parser.add_argument("--batch_size", type=int, default=1, help="training batch size")
+    else:
+        parser.add_argument("--epochs_no", type=int, default=None,
+                            help="epochs of the checkpoint to load (default: the only trained run in the folder)")
+        parser.add_argument("--batch_size", type=int, default=None,
+                            help="training batch size of the checkpoint to load (default: the only trained run)")
+        parser.add_argument("--eval_batch_size", type=int, default=1, help="samples per inference batch")
     parser.add_argument(*checkpoint_flags, dest="checkpoint_dir", type=Path, default=DEFAULT_CHECKPOINTS,
-                        help="folder holding one sub-folder of checkpoints per class")
-    parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
+                        help="checkpoint root: cmdr's full model with seed 115 in <root>/<class>/ (the authors' "
+                             "layout), every other run in <root>/<model>_<modality>_seed<seed>/<class>/")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED,
+                        help="training seed (inference: the seed of the run to load)")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--model`` and ``--model_option``: which registered method (networks/detectors.py) and its options."""
+    parser.add_argument("--model", choices=detector_names(), default=DEFAULT_MODEL,
+                        help="detection method: cmdr (CMDR-IAD), cfm (Crossmodal Feature Mapping), mafr (MAFR); "
+                             "README 'Methods'")
+    parser.add_argument("--model_option", action="append", default=[], metavar="NAME=VALUE",
+                        help="a method option, e.g. smoothness=all for mafr (README 'Methods'); repeatable")
 
 
 def parse_run_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.cache_dir is not None and str(args.cache_dir).lower() == "none":
         args.cache_dir = None
-    if getattr(args, "epochs_no", 1) < 1 or getattr(args, "batch_size", 1) < 1:
-        parser.error("--epochs_no and --batch_size must be at least 1")
+    for flag in ("epochs_no", "batch_size", "eval_batch_size"):
+        if (getattr(args, flag, None) or 1) < 1:
+            parser.error(f"--{flag} must be at least 1")
+    if hasattr(args, "model"):
+        try:
+            parse_model_options(args.model, args.model_option)
+        except ValueError as err:
+            parser.error(str(err))
+        if args.modality not in (supported := detector_class(args.model).modalities):
+            parser.error(f"--model {args.model} supports --modality {' / '.join(supported)}")
     return args
 
 
@@ -152,14 +199,42 @@ def open_split(extractor: MultimodalFeatures, dataset_path: Path, class_name: st
                           extractor.config.normalization)
 
 
-def model_identity(extractor: MultimodalFeatures, modality: str) -> dict[str, Any]:
+def model_identity(extractor: MultimodalFeatures, detector: Detector) -> dict[str, Any]:
     """What a checkpoint must match to be used with these features (stored in and checked against the sidecar)."""
     branches = [b for b in ("rgb", "xyz") if getattr(extractor, f"{b}_backbone") is not None]
     return {
-        "modality": modality,
+        "model": detector.name,
+        "model_options": detector.options(),
+        "modality": detector.modality,
         "extractor_config": extractor.config.to_dict(),
         "feature_fingerprints": {b: extractor.fingerprint(b) for b in branches},
     }
+
+
+def run_identity(extractor: MultimodalFeatures, detector: Detector, config: RunConfig, dataset: MVTec3DDataset
+                 ) -> dict[str, Any]:
+    """Everything that decides a training run's weights: the model identity, seed, schedule, optimisers and data.
+
+    A resume or "already trained" decision is taken only when all of it matches the stored run.
+    """
+    return {
+        **model_identity(extractor, detector),
+        "seed": config.seed,
+        "epochs_no": config.epochs_no,
+        "batch_size": config.batch_size,
+        "optimizers": {name: group.settings() for name, group in detector.optimizer_groups().items()},
+        "dataset_fingerprint": dataset_fingerprint(dataset),
+    }
+
+
+def dataset_fingerprint(dataset: MVTec3DDataset) -> str:
+    """SHA-256 (16 hex digits) of the split's sample names and file sizes: another or a changed training set
+    gives another fingerprint, without reading the files (moving the dataset keeps it)."""
+    digest = hashlib.sha256()
+    for record in dataset.records:
+        sizes = [p.stat().st_size if p is not None else -1 for p in (record.rgb_path, record.xyz_path)]
+        digest.update(f"{record.class_name}/{record.split}/{record.name}:{sizes}\n".encode())
+    return digest.hexdigest()[:16]
 
 
 def valid_mask(batch: Batch, f3d: torch.Tensor | None, extractor: MultimodalFeatures) -> torch.Tensor:

@@ -1,0 +1,167 @@
+"""The interface every anomaly detection method of the harness implements, and the registry of methods.
+
+A method is a pure ``nn.Module`` on frozen features: it says which feature branches a modality needs, builds its
+trainable parts for an :class:`~networks.features.ExtractorConfig`, returns named losses and its optimisers'
+parameter groups, and predicts the smoothed anomaly map Ψ from features. Data, optimisers, the training loop,
+checkpoints and metrics are shared (``train.py``, ``inference.py``, :mod:`utils.checkpoints`), as in anomalib's
+split of models from their training glue. Adding a method (README "Methods")::
+
+    @register_detector
+    class MyMethod(Detector):
+        name = "mine"                        # --model mine
+        modalities = ("rgbxyz",)             # the --modality values it supports
+        def __init__(self, config, modality="rgbxyz", **options):
+            super().__init__(config, modality)
+            self.net = nn.Linear(config.rgb_dim, config.xyz_dim)
+        def losses(self, f2d, f3d, mask): return {"net": masked_cosine_loss(self.net(f2d), f3d, mask)}
+        def distance_maps(self, f2d, f3d, mask): return {"d": feature_distance(self.net(f2d), f3d, mask)}
+        def fuse(self, maps, valid, variant): return final_smoothing(maps["d"], valid)
+
+and one import line in :mod:`networks.detectors`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from networks.features import ExtractorConfig
+from networks.fusion import resize_map
+
+BRANCHES_OF_MODALITY = {"rgbxyz": ("2d", "3d"), "rgb": ("2d",), "xyz": ("3d",)}
+MODALITIES = tuple(BRANCHES_OF_MODALITY)
+LOSS_EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class OptimizerGroup:
+    """One Adam optimiser: the modules it updates and the losses that drive them (summed).
+
+    A step of the group is skipped when one of its losses is not finite.
+    """
+
+    modules: tuple[str, ...]
+    losses: tuple[str, ...] | None = None  # None: every loss of the method
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+
+    def settings(self) -> dict[str, Any]:
+        return {"name": "Adam", "lr": self.lr, "betas": list(self.betas), "weight_decay": self.weight_decay}
+
+
+class Detector(nn.Module):
+    """Base class of the methods (a pure ``nn.Module``; subclasses register with :func:`register_detector`).
+
+    Args:
+        config: the frozen extractors' configuration (feature widths C2, C3, grid G, image size S).
+        modality: one of the class's ``modalities``.
+
+    Subclasses set ``name`` and ``modalities`` and implement :meth:`losses`, :meth:`distance_maps` and
+    :meth:`fuse`; they override :meth:`optimizer_groups` when they do not train all modules with one Adam.
+    Trainable modules are attributes whose names are the checkpoint files' module names (:meth:`trainable`).
+    """
+
+    name: ClassVar[str] = ""
+    modalities: ClassVar[tuple[str, ...]] = ("rgbxyz",)
+    fusion_variants: ClassVar[tuple[str, ...]] = ("full",)
+    #: options of the constructor that ``--model_option NAME=VALUE`` may set, with their allowed values
+    option_choices: ClassVar[Mapping[str, tuple[str, ...]]] = {}
+    #: training defaults of the method's reference code (README "Methods"); the command line overrides them
+    reference_defaults: ClassVar[Mapping[str, int]] = {}
+
+    def __init__(self, config: ExtractorConfig, modality: str = "rgbxyz") -> None:
+        super().__init__()
+        if modality not in self.modalities:
+            raise ValueError(f"{self.name} supports --modality {' / '.join(self.modalities)}, got {modality!r}")
+        self.config = config
+        self.modality = modality
+
+    # --- what the harness asks of a method ---------------------------------------------------------------------
+
+    @property
+    def branches(self) -> tuple[str, ...]:
+        """The feature branches the method reads: ``("2d", "3d")``, ``("2d",)`` or ``("3d",)``."""
+        return BRANCHES_OF_MODALITY[self.modality]
+
+    def options(self) -> dict[str, Any]:
+        """Method options that change the trained weights or the maps (part of the run identity)."""
+        return {}
+
+    def trainable(self) -> dict[str, nn.Module]:
+        """The trainable modules by checkpoint name (one ``.pth`` file each), in construction order."""
+        return dict(self.named_children())
+
+    def optimizer_groups(self) -> dict[str, OptimizerGroup]:
+        """Optimiser name → group; default: one Adam (lr 1e-3) over every module, driven by the sum of all losses."""
+        return {self.name: OptimizerGroup(tuple(self.trainable()))}
+
+    def losses(self, f2d: torch.Tensor | None, f3d: torch.Tensor | None, mask: torch.Tensor
+               ) -> dict[str, torch.Tensor]:
+        """Named scalar losses of a batch. f2d: (B, G², C2) or None; f3d: (B, G², C3) or None; mask: (B, G²)."""
+        raise NotImplementedError
+
+    def distance_maps(self, f2d: torch.Tensor | None, f3d: torch.Tensor | None, mask: torch.Tensor
+                      ) -> dict[str, torch.Tensor]:
+        """Named per-pixel distance maps on the feature grid, each (B, G, G), zero on invalid pixels."""
+        raise NotImplementedError
+
+    def fuse(self, maps: dict[str, torch.Tensor], valid: torch.Tensor, variant: str) -> torch.Tensor:
+        """The smoothed anomaly map Ψ (B, S, S) from the distance maps at the image size and the valid mask."""
+        raise NotImplementedError
+
+    # --- shared ------------------------------------------------------------------------------------------------
+
+    def anomaly_map(self, f2d: torch.Tensor | None, f3d: torch.Tensor | None, mask: torch.Tensor,
+                    variant: str = "full") -> torch.Tensor:
+        """The final smoothed anomaly map Ψ (B, S, S).
+
+        On a feature grid smaller than the input (G < S) the distance maps are upsampled bilinearly and the valid
+        mask by nearest neighbour to S before the fusion, whose smoothing kernels are sized for S.
+        """
+        if variant not in self.fusion_variants:
+            raise ValueError(f"{self.name} has the fusion variants {self.fusion_variants}, got {variant!r}")
+        grid, size = self.config.grid_size, self.config.img_size
+        maps = self.distance_maps(f2d, f3d, mask)
+        valid = mask.reshape(-1, grid, grid)
+        if grid != size:
+            maps = {name: resize_map(distance, size, "bilinear") for name, distance in maps.items()}
+            valid = resize_map(valid.float(), size, "nearest") > 0
+        return self.fuse(maps, valid, variant)
+
+
+# --- shared loss and distance of the feature-mapping methods (CMDR-IAD, CFM) -----------------------------------
+
+def masked_cosine_loss(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """1 − mean over valid pixels (of the whole batch) of cos(prediction, target); F.normalize eps 1e-6.
+
+    Args:
+        prediction, target: (B, P, C).
+        mask: (B, P) bool.
+    """
+    cosine = (F.normalize(prediction, dim=-1, eps=LOSS_EPS) * F.normalize(target, dim=-1, eps=LOSS_EPS)).sum(-1)
+    return 1.0 - cosine[mask].mean()
+
+
+def feature_distance(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """‖a/‖a‖ − b/‖b‖‖₂ per pixel (F.normalize default eps), zero on invalid pixels: (B, P, C) → (B, P)."""
+    distance = torch.linalg.vector_norm(F.normalize(prediction, dim=-1) - F.normalize(target, dim=-1), dim=-1)
+    return distance * mask.to(distance.dtype)
+
+
+# --- registry --------------------------------------------------------------------------------------------------
+
+DETECTORS: dict[str, type[Detector]] = {}
+
+
+def register_detector(cls: type[Detector]) -> type[Detector]:
+    """Class decorator: make ``cls`` reachable as ``--model <cls.name>``."""
+    if not cls.name or cls.name in DETECTORS:
+        raise ValueError(f"a detector needs a unique name; {cls.name!r} is empty or taken")
+    DETECTORS[cls.name] = cls
+    return cls

@@ -1,0 +1,49 @@
+"""The registry of detection methods: ``--model`` names → :class:`networks.detector.Detector` classes.
+
+A new method is a new file with a ``@register_detector`` class, plus its import here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+# Imported for their registration (each module's class decorator fills DETECTORS).
+import networks.cfm  # noqa: F401
+import networks.cmdr  # noqa: F401
+import networks.mafr  # noqa: F401
+from networks.detector import DETECTORS, Detector
+from networks.features import ExtractorConfig
+
+DEFAULT_MODEL = "cmdr"
+
+
+def detector_names() -> list[str]:
+    """The registered ``--model`` names, the flagship first."""
+    return [DEFAULT_MODEL, *sorted(name for name in DETECTORS if name != DEFAULT_MODEL)]
+
+
+def detector_class(name: str) -> type[Detector]:
+    if name not in DETECTORS:
+        raise ValueError(f"unknown model {name!r}; choose from {', '.join(detector_names())}")
+    return DETECTORS[name]
+
+
+def parse_model_options(name: str, pairs: Sequence[str] | None) -> dict[str, Any]:
+    """``["smoothness=all"]`` → ``{"smoothness": "all"}``, checked against the method's ``option_choices``."""
+    choices = detector_class(name).option_choices
+    options: dict[str, Any] = {}
+    for pair in pairs or ():
+        key, sep, value = pair.partition("=")
+        if not sep or key not in choices:
+            known = ", ".join(f"{k}={'|'.join(v)}" for k, v in choices.items()) or "none"
+            raise ValueError(f"--model_option {pair!r}: {name} has the options {known}")
+        if value not in choices[key]:
+            raise ValueError(f"--model_option {key}: choose from {'|'.join(choices[key])}, got {value!r}")
+        options[key] = value
+    return options
+
+
+def build_detector(name: str, config: ExtractorConfig, modality: str = "rgbxyz", **options: Any) -> Detector:
+    """The method ``name`` sized for ``config`` (modules built in a fixed order: reproducible for a seed)."""
+    return detector_class(name)(config, modality, **options)
