@@ -36,7 +36,7 @@ REFERENCE_SMOOTHNESS_CHANNELS = 2  # the reference's flow-style loss reads chann
 class FusionEncoder(nn.Module):
     """Linear(in → h) → GELU → LN → Dropout → Linear(h → h) → GELU → the same LN → Dropout → Linear(h → h).
 
-    (N, in_features) → (N, hidden), per token.
+    (..., in_features) → (..., hidden), per token.
     """
 
     def __init__(self, in_features: int, hidden: int) -> None:
@@ -70,17 +70,17 @@ class TokenCBAM(nn.Module):
         self.spatial = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, H) → (N, H)."""
+        """(..., H) → (..., H), per token."""
         fc = self.channel_fc(x)
         x = x * torch.sigmoid(fc + fc)  # fc(avgpool x) + fc(maxpool x), both pools = x
         centre = self.spatial.kernel_size[0] // 2
-        stats = torch.stack([x.mean(dim=-1), x.amax(dim=-1)], dim=-1)  # (N, 2)
-        return x * torch.sigmoid(stats @ self.spatial.weight[0, :, centre, centre])[:, None]
+        stats = torch.stack([x.mean(dim=-1), x.amax(dim=-1)], dim=-1)  # (..., 2)
+        return x * torch.sigmoid(stats @ self.spatial.weight[0, :, centre, centre])[..., None]
 
 
 class DecoupledDecoder(nn.Module):
     """skip = Linear(in → out)(z); three Linear → LN (one shared instance) → GELU → Dropout layers of width
-    H = out; TokenCBAM; output = Linear(H → out) + skip. (N, in_features) → (N, out_features)."""
+    H = out; TokenCBAM; output = Linear(H → out) + skip. (..., in_features) → (..., out_features)."""
 
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__()

@@ -201,3 +201,84 @@ def test_unknown_class(synthetic_root: Path, tmp_path: Path, caplog: pytest.LogC
     with caplog.at_level(logging.ERROR):
         assert run_train(synthetic_root, tmp_path, classes=("bagel",)) == 1
     assert "bagel not found" in caplog.text
+
+
+# --- run identity: folders per method and seed, no run overwrites another ------------------------------------
+
+def test_methods_and_seeds_get_their_own_folders(synthetic_root: Path, trained: Path, tmp_path: Path):
+    (tmp_path / "ckpt").symlink_to(trained / "ckpt", target_is_directory=True)  # beside the finished cmdr run
+    before = sidecar_path(trained / "ckpt", "dome", EPOCHS, 1).read_bytes()
+    assert run_train(synthetic_root, tmp_path, "--model", "cfm") == 0
+    assert run_train(synthetic_root, tmp_path, "--seed", "7") == 0
+    cfm = run_folder(trained / "ckpt", "cfm", "rgbxyz", 115) / "dome"
+    assert sorted(p.name.split("_")[0] for p in cfm.glob("*.pth")) == ["map2Dto3D", "map3Dto2D"]
+    sidecar = json.loads(sidecar_path(cfm.parent, "dome", EPOCHS, 1).read_text())
+    assert sidecar["model"] == "cfm" and sidecar["optimizers"] == {
+        "cfm": {"name": "Adam", "lr": 1e-3, "betas": [0.9, 0.999], "weight_decay": 0.0}}
+    assert len(sidecar["dataset_fingerprint"]) == 16
+    seed7 = json.loads(sidecar_path(trained / "ckpt" / "cmdr_rgbxyz_seed7", "dome", EPOCHS, 1).read_text())
+    assert seed7["seed"] == 7
+    assert sidecar_path(trained / "ckpt", "dome", EPOCHS, 1).read_bytes() == before, "cmdr seed 115 untouched"
+    assert run_inference(synthetic_root, tmp_path, "--model", "cfm") == 0
+    document = json.loads((tmp_path / "results" / "run" / "metrics.json").read_text())
+    assert document["config"]["model"] == "cfm"
+
+
+def test_training_never_overwrites_another_run(synthetic_root: Path, trained: Path, caplog: pytest.LogCaptureFixture):
+    files = {p: p.read_bytes() for p in (trained / "ckpt" / "dome").iterdir()}
+    for extra, field in ((("--bn_mode", "running"), "bn_mode"), (("--resume", "--bn_mode", "running"), "bn_mode")):
+        caplog.clear()
+        with caplog.at_level(logging.ERROR):
+            assert run_train(synthetic_root, trained, *extra) == 1
+        assert "belongs to another configuration" in caplog.text and field in caplog.text
+    assert {p: p.read_bytes() for p in (trained / "ckpt" / "dome").iterdir()} == files
+
+
+def test_changed_training_data_is_another_run(synthetic_root: Path, trained: Path, tmp_path: Path,
+                                              caplog: pytest.LogCaptureFixture):
+    data = tmp_path / "data"
+    (data / "dome").mkdir(parents=True)
+    for path in synthetic_root.iterdir():  # the same dataset with one training sample less
+        if path.is_file():
+            (data / path.name).write_bytes(path.read_bytes())
+    for split in ("train", "test"):
+        (data / "dome" / split).symlink_to(synthetic_root / "dome" / split, target_is_directory=True)
+    (tmp_path / "ckpt").symlink_to(trained / "ckpt", target_is_directory=True)
+    assert run_train(data, tmp_path, "--resume") == 0, "the same data under another path: the same run"
+    train_good = data / "dome" / "train"
+    train_good.unlink()
+    (train_good / "good").mkdir(parents=True)
+    for kind in ("rgb", "xyz"):
+        files = sorted((synthetic_root / "dome" / "train" / "good" / kind).iterdir())[1:]
+        (train_good / "good" / kind).mkdir()
+        for path in files:
+            (train_good / "good" / kind / path.name).symlink_to(path)
+    with caplog.at_level(logging.ERROR):
+        assert run_train(data, tmp_path, "--resume") == 1
+    assert "dataset_fingerprint" in caplog.text
+
+
+def test_authors_files_without_sidecar_are_not_overwritten(synthetic_root: Path, trained: Path, tmp_path: Path,
+                                                           caplog: pytest.LogCaptureFixture):
+    (tmp_path / "ckpt" / "dome").mkdir(parents=True)
+    for path in (trained / "ckpt" / "dome").glob("*.pth"):
+        (tmp_path / "ckpt" / "dome" / path.name).write_bytes(b"the authors' weights")
+    with caplog.at_level(logging.ERROR):
+        assert run_train(synthetic_root, tmp_path) == 1
+    assert "without a sidecar" in caplog.text
+    assert {p.read_bytes() for p in (tmp_path / "ckpt" / "dome").iterdir()} == {b"the authors' weights"}
+
+
+def test_inference_finds_the_run_or_lists_the_choices(synthetic_root: Path, trained: Path, tmp_path: Path,
+                                                      caplog: pytest.LogCaptureFixture):
+    (tmp_path / "ckpt").symlink_to(trained / "ckpt", target_is_directory=True)
+    found = inference.main(["--dataset_path", str(synthetic_root), "--class_names", "dome", "--preset", "tiny",
+                            "--random_init", "--device", "cpu", "--checkpoint_folder", str(tmp_path / "ckpt"),
+                            "--results_dir", str(tmp_path / "results"), "--cache_dir", str(tmp_path / "cache"),
+                            "--eval_batch_size", "3"])
+    assert found == 0, "no --epochs_no/--batch_size: the folder's only run"
+    assert run_train(synthetic_root, tmp_path, "--batch_size", "2") == 0
+    with caplog.at_level(logging.ERROR):
+        assert run_inference(synthetic_root, tmp_path) == 1
+    assert "--epochs_no 2 --batch_size 1, --epochs_no 2 --batch_size 2" in caplog.text
+    assert run_inference(synthetic_root, tmp_path, "--batch_size", "2") == 0
