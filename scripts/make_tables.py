@@ -3,11 +3,14 @@
     python scripts/make_tables.py --runs RUN_DIR [RUN_DIR ...] --out OUT
 
 Each RUN_DIR is an ``inference.py`` output folder (``metrics.json``); its configuration says which table row it
-fills: ``--modality rgb`` → 2D, ``xyz`` → 3D, ``rgbxyz`` → 2D+3D (by ``--fusion``: ``full`` for Tables 1–3 and 9,
-``rec_only``/``map_only`` for Table 6, ``case1``…``case6`` for Tables 7 and 10). Writes ``OUT/tables.md`` and
-``OUT/tables.tex``: Table 1 (I-AUROC), 2 (AUPRO@30%), 3 (AUPRO@1%), 6 (ablation), 7 and 10 (fusion variants),
-9 (P-AUROC). The paper's AUPRO is the reference code's 99-threshold protocol, so our ``(99 thr)`` values are
-compared with it; the exact official values are shown in their own rows. Δ = ours − paper, in points.
+fills: ``--model`` (CMDR-IAD rows, or a method of the "Methods" tables), ``--modality rgb`` → 2D, ``xyz`` → 3D,
+``rgbxyz`` → 2D+3D (by ``--fusion``: ``full`` for Tables 1–3 and 9, ``rec_only``/``map_only`` for Table 6,
+``case1``…``case6`` for Tables 7 and 10). Writes ``OUT/tables.md`` and ``OUT/tables.tex``: Table 1 (I-AUROC),
+2 (AUPRO@30%), 3 (AUPRO@1%), 6 (ablation), 7 and 10 (fusion variants), 9 (P-AUROC), and the methods side by side
+(means, and I-AUROC per class), each with its published numbers (the CMDR-IAD paper's tables for CFM and BTF per
+class, ``../shared/spec/peers.md`` for the means). The paper's AUPRO is the reference code's 99-threshold
+protocol, so our ``(99 thr)`` values are compared with it; the exact official values are shown in their own rows.
+Δ = ours − paper, in points.
 """
 
 from __future__ import annotations
@@ -33,18 +36,22 @@ SUMMARY_METRICS = ("I-AUROC", "P-AUROC", "AUPRO@30%", "AUPRO@1%")
 Row = tuple[str, Mapping[str, float | None]]  # label, column -> value in percent (None: not available)
 
 
-def load_runs(run_dirs: Sequence[Path]) -> dict[tuple[str, str], dict]:
-    """(setting, fusion) → {class: metrics in percent, "mean": ...} for every run folder."""
-    runs: dict[tuple[str, str], dict] = {}
+METHOD_NAMES = {"cmdr": "CMDR-IAD", "cfm": "CFM", "mafr": "MAFR", "btf": "BTF", "shape_guided": "Shape-Guided"}
+RunKey = tuple[str, str, str]  # model, setting, fusion
+
+
+def load_runs(run_dirs: Sequence[Path]) -> dict[RunKey, dict]:
+    """(model, setting, fusion) → {class: metrics in percent, "mean": ...} for every run folder."""
+    runs: dict[RunKey, dict] = {}
     for run_dir in run_dirs:
         path = Path(run_dir) / "metrics.json"
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: pass folders written by inference.py")
         document = json.loads(path.read_text())
         config = document["config"]
-        key = (SETTINGS[config["modality"]], config.get("fusion", "full"))
+        key = (config.get("model", "cmdr"), SETTINGS[config["modality"]], config.get("fusion", "full"))
         if key in runs:
-            logger.warning("%s: a second run for %s / %s replaces the first", run_dir, *key)
+            logger.warning("%s: a second run for %s / %s / %s replaces the first", run_dir, *key)
         runs[key] = {name: _percent(m) for name, m in {**document["classes"], "mean": document["mean"]}.items()}
     return runs
 
@@ -93,9 +100,42 @@ def summary_rows(label: str, ours: Mapping | None, paper: Mapping | None) -> lis
     ]
 
 
-def build_tables(runs: Mapping[tuple[str, str], dict], paper: Mapping, classes: Sequence[str]
+def method_tables(runs: Mapping[RunKey, dict], paper: Mapping, classes: Sequence[str]
+                  ) -> list[tuple[str, list[str], list[Row]]]:
+    """The methods side by side: mean metrics per (method, setting), and 2D+3D I-AUROC per class; each method's
+    published numbers beside ours (CMDR-IAD: its paper's tables; the peers: ``paper["peers"]``)."""
+    peers = paper["peers"]
+    published_means = {**peers["means"], "cmdr": {
+        setting: {m: paper[key].get(setting, {}).get("mean") for m, key in
+                  (("I-AUROC", "table1_i_auroc"), ("P-AUROC", "table9_p_auroc"), ("AUPRO@30%", "table2_aupro30"),
+                   ("AUPRO@1%", "table3_aupro1"))} for setting in SETTINGS.values()}}
+    published_i_auroc = {**{m: rows["I-AUROC"] for m, rows in peers["per_class"].items()},
+                         "cmdr": paper["table1_i_auroc"]}
+    models = sorted({model for model, _, fusion in runs if fusion == "full"},
+                    key=lambda m: (list(METHOD_NAMES).index(m) if m in METHOD_NAMES else len(METHOD_NAMES), m))
+    means, per_class = [], []
+    for model in models:
+        name = METHOD_NAMES.get(model, model)
+        for setting in SETTINGS.values():
+            if (run := runs.get((model, setting, "full"))) is None:
+                continue
+            means += summary_rows(f"{name} {setting}", run, published_means.get(model, {}).get(setting))
+            per_class += per_class_rows(f"{name} {setting}", run,
+                                        published_i_auroc.get(model, {}).get(setting), "I-AUROC", classes)
+    return [("Methods side by side: mean over classes (%)", list(SUMMARY_METRICS), means),
+            ("Methods side by side: I-AUROC per class (%)", [*classes, "mean"], per_class)]
+
+
+def build_tables(runs: Mapping[RunKey, dict], paper: Mapping, classes: Sequence[str]
                  ) -> list[tuple[str, list[str], list[Row]]]:
-    """(title, columns, rows) of every table."""
+    """(title, columns, rows) of every table: CMDR-IAD's paper tables, then the methods side by side."""
+    runs_of_cmdr = {(setting, fusion): run for (model, setting, fusion), run in runs.items() if model == "cmdr"}
+    tables = _cmdr_tables(runs_of_cmdr, paper, classes)
+    return tables + method_tables(runs, paper, classes)
+
+
+def _cmdr_tables(runs: Mapping[tuple[str, str], dict], paper: Mapping, classes: Sequence[str]
+                 ) -> list[tuple[str, list[str], list[Row]]]:
     columns = [*classes, "mean"]
     tables = []
     for title, key, metric in (("Table 1: I-AUROC (%)", "table1_i_auroc", "I-AUROC"),

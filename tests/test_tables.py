@@ -14,12 +14,14 @@ from utils.mvtec3d import MVTEC3D_CLASSES
 from utils.results import write_results
 
 
-def fake_run(root: Path, name: str, modality: str, fusion: str, value: float) -> Path:
-    """A result folder as inference.py writes it, every metric equal to ``value`` (a fraction)."""
+def fake_run(root: Path, name: str, modality: str, fusion: str, value: float, model: str | None = None) -> Path:
+    """A result folder as inference.py writes it, every metric equal to ``value`` (a fraction); ``model`` None:
+    a run written before there were several methods (CMDR-IAD)."""
     per_class = {c: {**{k: value for k in METRIC_KEYS}, "n_test": 10, "n_anomalous": 5, "seconds": 1.0, "fps": 10.0}
                  for c in ("bagel", "tire")}
     per_class["tire"]["AUPRO@30%"] = math.nan
-    write_results(root / name, {"modality": modality, "fusion": fusion}, per_class)
+    config = {"modality": modality, "fusion": fusion, **({"model": model} if model else {})}
+    write_results(root / name, config, per_class)
     return root / name
 
 
@@ -52,11 +54,31 @@ def test_tables_from_runs(tmp_path: Path):
     assert "| case1 ours (AUPRO 99 thr) | — |" in t7
     assert "Table 10" in markdown and "Table 6" in markdown and "Table 9" in markdown
     latex = (tmp_path / "tables" / "tables.tex").read_text()
-    assert latex.count(r"\begin{tabular}") == 7 and r"$\Delta$" in latex and "AUPRO@30\\%" in latex
+    assert latex.count(r"\begin{tabular}") == 9 and r"$\Delta$" in latex and "AUPRO@30\\%" in latex
     # every table row has as many cells as its header
     for table in markdown.split("###")[1:]:
         rows = [line for line in table.splitlines() if line.startswith("| ")]
         assert rows and all(row.count(" | ") == rows[0].count(" | ") for row in rows), table.splitlines()[0]
+
+
+def test_methods_side_by_side(tmp_path: Path):
+    runs = [fake_run(tmp_path, "cmdr", "rgbxyz", "full", 0.95, "cmdr"), fake_run(tmp_path, "cfm", "rgbxyz", "full",
+                                                                                  0.90, "cfm"),
+            fake_run(tmp_path, "mafr", "rgbxyz", "full", 0.85, "mafr")]
+    assert main(["--runs", *map(str, runs), "--out", str(tmp_path / "tables")]) == 0
+    markdown = (tmp_path / "tables" / "tables.md").read_text()
+    t1 = markdown.split("### Table 1")[1].split("###")[0]
+    assert "| 2D+3D ours | 95.0 |" in t1, "CMDR-IAD's tables keep CMDR-IAD's run"
+    means = markdown.split("### Methods side by side: mean")[1].split("###")[0]
+    rows = [line.split(" | ")[0] for line in means.splitlines() if line.startswith("| ")][1:]
+    assert [r for r in rows if r.endswith("(AUPRO 99 thr)")] == [
+        f"| {m} 2D+3D ours (AUPRO 99 thr)" for m in ("CMDR-IAD", "CFM", "MAFR")]
+    assert "| CFM 2D+3D paper | 95.4 | 99.3 | 97.1 | 45.5 |" in means
+    assert "| MAFR 2D+3D paper | 97.2 | — | — | — |" in means
+    assert "| CMDR-IAD 2D+3D paper | 97.3 |" in means
+    per_class = markdown.split("### Methods side by side: I-AUROC per class")[1]
+    assert "| CFM 2D+3D ours | 90.0 |" in per_class and "| CFM 2D+3D paper | 99.4 | 88.8 |" in per_class
+    assert "| CFM 2D+3D Δ | -9.4 |" in per_class
 
 
 def test_missing_run_folder(tmp_path: Path):
