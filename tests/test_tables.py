@@ -92,11 +92,15 @@ def test_a_second_run_of_the_same_row_replaces_the_first(tmp_path: Path, modalit
     assert "| 3D ours | 60.0 |" in (tmp_path / "t" / "tables.md").read_text()
 
 
-def test_benchmark_writes_the_table4_keys(tmp_path: Path):
+@pytest.mark.parametrize("model", ["cmdr", "mafr"])
+def test_benchmark_writes_the_table4_keys(tmp_path: Path, model: str):
     import benchmark
 
-    assert benchmark.main(["--preset", "tiny", "--random_init", "--device", "cpu", "--out", str(tmp_path / "b.json")]) == 0
-    results = json.loads((tmp_path / "b.json").read_text())
+    out = tmp_path / "b.json"
+    assert benchmark.main(["--preset", "tiny", "--model", model, "--random_init", "--device", "cpu",
+                           "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert results["model"] == model
     for key in ("fps", "peak_memory_mb", "train_epoch_seconds_cached", "train_epoch_seconds_uncached"):
         assert results[key] > 0
     assert set(results["stages"]) == {"load", "features", "modules + fusion", "normalisation", "total"}
