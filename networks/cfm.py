@@ -39,7 +39,6 @@ class CFM(Detector):
 
     name = "cfm"
     modalities = ("rgbxyz",)
-    reference_defaults = {"epochs_no": 50, "batch_size": 4}
 
     def __init__(self, config: ExtractorConfig, modality: str = "rgbxyz") -> None:
         super().__init__(config, modality)

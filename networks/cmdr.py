@@ -56,7 +56,6 @@ class CMDRIAD(Detector):
     name = "cmdr"
     modalities = MODALITIES
     fusion_variants = FUSION_VARIANTS
-    reference_defaults = {"epochs_no": 50, "batch_size": 1}
 
     def __init__(self, config: ExtractorConfig, modality: str = "rgbxyz") -> None:
         super().__init__(config, modality)

@@ -14,7 +14,9 @@ split of models from their training glue. Adding a method (README "Methods")::
             super().__init__(config, modality)
             self.net = nn.Linear(config.rgb_dim, config.xyz_dim)
         def losses(self, f2d, f3d, mask): return {"net": masked_cosine_loss(self.net(f2d), f3d, mask)}
-        def distance_maps(self, f2d, f3d, mask): return {"d": feature_distance(self.net(f2d), f3d, mask)}
+        def distance_maps(self, f2d, f3d, mask):
+            g = self.config.grid_size
+            return {"d": feature_distance(self.net(f2d), f3d, mask).reshape(-1, g, g)}
         def fuse(self, maps, valid, variant): return final_smoothing(maps["d"], valid)
 
 and one import line in :mod:`networks.detectors`.
@@ -72,8 +74,6 @@ class Detector(nn.Module):
     fusion_variants: ClassVar[tuple[str, ...]] = ("full",)
     #: options of the constructor that ``--model_option NAME=VALUE`` may set, with their allowed values
     option_choices: ClassVar[Mapping[str, tuple[str, ...]]] = {}
-    #: training defaults of the method's reference code (README "Methods"); the command line overrides them
-    reference_defaults: ClassVar[Mapping[str, int]] = {}
 
     def __init__(self, config: ExtractorConfig, modality: str = "rgbxyz") -> None:
         super().__init__()

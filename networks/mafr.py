@@ -149,7 +149,6 @@ class MAFR(Detector):
     name = "mafr"
     modalities = ("rgbxyz",)
     option_choices = {"smoothness": SMOOTHNESS_CHOICES}
-    reference_defaults = {"epochs_no": 100, "batch_size": 1}
 
     def __init__(self, config: ExtractorConfig, modality: str = "rgbxyz", smoothness: str = "reference") -> None:
         super().__init__(config, modality)

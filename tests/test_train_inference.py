@@ -282,3 +282,19 @@ def test_inference_finds_the_run_or_lists_the_choices(synthetic_root: Path, trai
         assert run_inference(synthetic_root, tmp_path) == 1
     assert "--epochs_no 2 --batch_size 1, --epochs_no 2 --batch_size 2" in caplog.text
     assert run_inference(synthetic_root, tmp_path, "--batch_size", "2") == 0
+
+
+@pytest.mark.parametrize(("entry", "flag"), [("train", "--epochs_no"), ("train", "--batch_size"),
+                                             ("inference", "--eval_batch_size"), ("inference", "--epochs_no")])
+def test_counts_below_one_are_refused(synthetic_root: Path, tmp_path: Path, entry: str, flag: str,
+                                      capsys: pytest.CaptureFixture):
+    run = run_train if entry == "train" else run_inference
+    with pytest.raises(SystemExit):
+        run(synthetic_root, tmp_path, flag, "0")
+    assert f"{flag} must be at least 1" in capsys.readouterr().err
+
+
+def test_a_method_without_the_modality_is_refused(synthetic_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
+    with pytest.raises(SystemExit):
+        run_train(synthetic_root, tmp_path, "--model", "cfm", modality="rgb")
+    assert "--model cfm supports --modality rgbxyz" in capsys.readouterr().err

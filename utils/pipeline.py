@@ -140,7 +140,7 @@ def parse_run_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> a
     if args.cache_dir is not None and str(args.cache_dir).lower() == "none":
         args.cache_dir = None
     for flag in ("epochs_no", "batch_size", "eval_batch_size"):
-        if (getattr(args, flag, None) or 1) < 1:
+        if (value := getattr(args, flag, None)) is not None and value < 1:
             parser.error(f"--{flag} must be at least 1")
     if hasattr(args, "model"):
         try:
