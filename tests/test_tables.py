@@ -17,7 +17,8 @@ from utils.results import write_results
 def fake_run(root: Path, name: str, modality: str, fusion: str, value: float, model: str | None = None) -> Path:
     """A result folder as inference.py writes it, every metric equal to ``value`` (a fraction); ``model`` None:
     a run written before there were several methods (CMDR-IAD)."""
-    per_class = {c: {**{k: value for k in METRIC_KEYS}, "n_test": 10, "n_anomalous": 5, "seconds": 1.0, "fps": 10.0}
+    per_class = {c: {**{k: value for k in METRIC_KEYS}, "n_test": 10, "n_anomalous": 5, "eval_seconds": 1.0,
+                     "eval_samples_per_second": 10.0}
                  for c in ("bagel", "tire")}
     per_class["tire"]["AUPRO@30%"] = math.nan
     config = {"modality": modality, "fusion": fusion, **({"model": model} if model else {})}

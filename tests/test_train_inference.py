@@ -69,7 +69,7 @@ def test_inference_writes_results(synthetic_root: Path, trained: Path):
     run = trained / "results" / "run"
     document = json.loads((run / "metrics.json").read_text())
     metrics = document["classes"]["dome"]
-    assert set(METRIC_KEYS) <= set(metrics) and metrics["n_test"] == 8 and metrics["fps"] > 0
+    assert set(METRIC_KEYS) <= set(metrics) and metrics["n_test"] == 8 and metrics["eval_samples_per_second"] > 0
     assert all(0.0 <= metrics[k] <= 1.0 for k in METRIC_KEYS)
     assert document["config"]["fusion"] == "full" and document["config"]["extractor"]["random_init"]
     assert (run / "metrics.md").read_text().startswith("| Metric | dome | Mean |")

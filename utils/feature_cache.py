@@ -7,8 +7,9 @@ sample at paper size instead of the 231 MB of the 224×224×1152 map.
 
 Layout: ``<cache_dir>/<branch>/<fingerprint[:16]>/<dataset>-<hash of its path>/<class>/<split>/<defect>/<stem>.pt``.
 The fingerprint hashes the extractor configuration and weights of the branch, so a changed configuration or
-weights file never reuses an entry; an entry also records its source file's size and mtime and is recomputed
-when the file changed, or when it is truncated or unreadable. Entries are written atomically.
+weights file never reuses an entry; an entry also records the feature pipeline's version
+(``networks.features.FEATURE_PIPELINE_VERSION``, bumped when code changes alter feature values) and its source
+file's size and mtime, and is recomputed when either changed, or when it is truncated or unreadable. Entries are written atomically.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from networks.features import MultimodalFeatures, PointParts, XYZParts
+from networks.features import FEATURE_PIPELINE_VERSION, MultimodalFeatures, PointParts, XYZParts
 from utils.io import DatasetError, atomic_path
 from utils.mvtec3d import Batch, MVTec3DDataset, SampleRecord, make_dataloader
 
@@ -78,13 +79,15 @@ class FeatureCache:
             valid = (
                 entry["format"] == CACHE_FORMAT
                 and entry["fingerprint"] == self.extractor.fingerprint(branch)
+                and entry.get("pipeline_version") == FEATURE_PIPELINE_VERSION
                 and entry["source_stat"] == _stat(_source_file(record, branch))
             )
         except Exception as err:  # truncated or corrupt file
             logger.warning("%s: unreadable cache entry (%s: %s); recomputing", path, type(err).__name__, err)
             return None
         if not valid:
-            logger.info("%s: stale cache entry (other extractor or changed source file); recomputing", path)
+            logger.info("%s: stale cache entry (other extractor, feature pipeline version or changed source file); "
+                        "recomputing", path)
             return None
         if branch == "rgb":
             return entry["tokens"]
@@ -101,6 +104,7 @@ class FeatureCache:
         entry: dict[str, object] = {
             "format": CACHE_FORMAT,
             "fingerprint": self.extractor.fingerprint(branch),
+            "pipeline_version": FEATURE_PIPELINE_VERSION,
             "source": str(_source_file(record, branch)),
             "source_stat": _stat(_source_file(record, branch)),
         }

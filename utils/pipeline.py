@@ -45,7 +45,7 @@ class RunConfig:
     rgb_weights: Path | None = None
     pointmae_weights: Path | None = None
     random_init: bool = False
-    bn_mode: str = "sample"
+    bn_mode: str | None = None  # None: the preset's
     cache_dir: Path | None = DEFAULT_CACHE
     device: str = "auto"
     seed: int = DEFAULT_SEED
@@ -94,8 +94,9 @@ def add_feature_arguments(
                         help="Point-MAE weights (default: checkpoints/feature_extractors/pointmae_pretrain.pth)")
     parser.add_argument("--random_init", action="store_true",
                         help="allow randomly initialised (seeded) backbones where no weights are given: smoke tests")
-    parser.add_argument("--bn_mode", choices=("sample", "running"), default="sample",
-                        help="Point-MAE BatchNorm statistics: per sample (the reference's behaviour) or running")
+    parser.add_argument("--bn_mode", choices=("sample", "running"), default=None,
+                        help="Point-MAE BatchNorm statistics: per sample (the reference's behaviour) or running; "
+                             "default: the preset's (sample)")
     parser.add_argument("--cache_dir", type=Path, default=DEFAULT_CACHE,
                         help="feature cache folder; 'none' disables the cache")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
