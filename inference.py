@@ -31,9 +31,9 @@ from tqdm import tqdm
 
 from networks.detectors import detector_class
 from networks.fusion import FUSION_VARIANTS, normalize_scores
-from utils.checkpoints import CheckpointError, load_modules, select_run, versions
+from utils.checkpoints import load_modules, select_run, versions
 from utils.feature_cache import FeatureCache
-from utils.io import DatasetError, atomic_path, read_mask, write_text_atomic
+from utils.io import InputError, atomic_path, read_mask, write_text_atomic
 from utils.metrics import PER_DEFECT_KEY, class_metrics, image_auroc_per_defect
 from utils.mvtec3d import make_dataloader
 from utils.pipeline import (
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             logger.info("%s: I-AUROC %.3f  P-AUROC %.3f  AUPRO@30%% %.3f", class_name,
                         per_class[class_name]["I-AUROC"], per_class[class_name]["P-AUROC"],
                         per_class[class_name]["AUPRO@30%"])
-    except (DatasetError, CheckpointError, RuntimeError, ValueError) as err:
+    except InputError as err:  # the user's data, files or settings; anything else is a bug: traceback
         logger.error("%s", err)
         return 1
     run_config = {**config.to_dict(), "fusion": args.fusion, "eval_resolution": args.eval_resolution,

@@ -31,7 +31,7 @@ from utils.checkpoints import (
     save_resume_state, sidecar_path, versions,
 )
 from utils.feature_cache import FeatureCache
-from utils.io import DatasetError
+from utils.io import InputError
 from utils.mvtec3d import Batch, make_dataloader
 from utils.pipeline import (
     RunConfig, add_run_arguments, open_split, parse_run_args, prepare_run, run_identity, seed_everything,
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         class_names, cache = prepare_run(config)
         for class_name in class_names:
             train_class(class_name, config, cache, resume=args.resume)
-    except (DatasetError, CheckpointError, RuntimeError, ValueError) as err:
+    except InputError as err:  # the user's data, files or settings; anything else is a bug: traceback
         logger.error("%s", err)
         return 1
     return 0

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from networks.point_ops import farthest_point_sample, knn_groups
+from utils.io import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ DEFAULT_POINTMAE_WEIGHTS = Path("checkpoints/feature_extractors/pointmae_pretrai
 _DECODER_PREFIXES = ("MAE_decoder.", "decoder_pos_embed.", "mask_token", "increase_dim.")
 
 
-class WeightsError(RuntimeError):
+class WeightsError(InputError, RuntimeError):
     """Pretrained weights are missing or do not fit the model."""
 
 

@@ -32,7 +32,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from utils.feature_cache import FeatureCache  # noqa: E402
-from utils.io import DatasetError, write_text_atomic  # noqa: E402
+from utils.io import InputError, write_text_atomic  # noqa: E402
 from utils.metrics import image_auroc, image_auroc_per_defect, pixel_auroc  # noqa: E402
 from utils.mvtec3d import Batch, MVTec3DDataset, make_dataloader  # noqa: E402
 from utils.pipeline import (  # noqa: E402
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         for class_name in class_names:
             results[class_name] = class_separability(cache, config.dataset_path, class_name, config.modality,
                                                      args.bank_stride)
-    except (DatasetError, RuntimeError, ValueError) as err:
+    except InputError as err:  # the user's data, files or settings; anything else is a bug: traceback
         logger.error("%s", err)
         return 2
     logger.info("nearest-neighbour separability of the frozen features:\n%s", separability_table(results))

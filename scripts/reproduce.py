@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from inference import check_fusion, evaluate_class  # noqa: E402
 from networks.fusion import FUSION_VARIANTS  # noqa: E402
 from train import train_class  # noqa: E402
-from utils.checkpoints import CheckpointError, versions  # noqa: E402
-from utils.io import DatasetError, write_text_atomic  # noqa: E402
+from utils.checkpoints import versions  # noqa: E402
+from utils.io import InputError, write_text_atomic  # noqa: E402
 from utils.pipeline import (  # noqa: E402
     RunConfig, add_run_arguments, parse_run_args, prepare_run, setup_logging,
 )
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             per_class[class_name] = metrics
             logger.info("[%d/%d] %s: I-AUROC %.3f  AUPRO@30%% %.3f  (%.0f s)", position, len(class_names), class_name,
                         metrics["I-AUROC"], metrics["AUPRO@30%"], time.perf_counter() - start)
-    except (DatasetError, CheckpointError, RuntimeError, ValueError) as err:
+    except InputError as err:  # the user's data, files or settings; anything else is a bug: traceback
         logger.error("%s", err)
         return 1
     write_results(run_dir, {**run_config, "class_names": class_names, "extractor": extractor.metadata,

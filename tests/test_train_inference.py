@@ -298,3 +298,13 @@ def test_a_method_without_the_modality_is_refused(synthetic_root: Path, tmp_path
     with pytest.raises(SystemExit):
         run_train(synthetic_root, tmp_path, "--model", "cfm", modality="rgb")
     assert "--model cfm supports --modality rgbxyz" in capsys.readouterr().err
+
+
+def test_a_bug_keeps_its_traceback(synthetic_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Our own error types (the user's data, files, settings) are one log line; anything else is a bug."""
+    def broken(*args, **kwargs):
+        raise RuntimeError("a genuine bug")
+
+    monkeypatch.setattr(CMDRIAD, "losses", broken)
+    with pytest.raises(RuntimeError, match="a genuine bug"):
+        run_train(synthetic_root, tmp_path)

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from networks.point_mae import load_state_dict_checked
-from utils.io import atomic_path, write_text_atomic
+from utils.io import InputError, atomic_path, write_text_atomic
 from utils.pipeline import DEFAULT_SEED
 
 logger = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 CODE_VERSION = "0.1.0"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(InputError, RuntimeError):
     """Checkpoints are missing, damaged, or belong to another configuration."""
 
 

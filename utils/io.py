@@ -20,7 +20,12 @@ from PIL import Image, UnidentifiedImageError
 logger = logging.getLogger(__name__)
 
 
-class DatasetError(ValueError):
+class InputError(Exception):
+    """A problem with the user's data, files, weights or settings. The command-line tools report these in one line
+    with what to do; any other exception is a bug and keeps its traceback."""
+
+
+class DatasetError(InputError, ValueError):
     """A dataset file or folder is missing, unpaired, unreadable or malformed."""
 
 

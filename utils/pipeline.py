@@ -17,6 +17,7 @@ from networks.detector import MODALITIES, Detector
 from networks.detectors import DEFAULT_MODEL, build_detector, detector_class, detector_names, parse_model_options
 from networks.features import PRESETS, MultimodalFeatures, foreground_mask
 from utils.feature_cache import FeatureCache
+from utils.io import InputError
 from utils.mvtec3d import (
     PREPROCESSED_MARKER, Batch, MVTec3DDataset, XyzPolicy, is_background_removed, resolve_class_names,
 )
@@ -153,11 +154,15 @@ def parse_run_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> a
     return args
 
 
+class DeviceError(InputError, RuntimeError):
+    """The requested device is not available."""
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda requested but no CUDA device is available")
+        raise DeviceError("--device cuda requested but no CUDA device is available; use --device cpu")
     return torch.device(name)
 
 
