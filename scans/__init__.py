@@ -1,1 +1,2 @@
-"""3D-only inspection of raw scans (scans_3d_only.md): the paper's polyurethane pipeline for any point-cloud files."""
+"""3D-only inspection of raw scans (README "3D-only inspection of raw scans"): the paper's polyurethane pipeline
+for any point-cloud files."""

@@ -1,4 +1,4 @@
-"""Pseudo-labelled chunks from raw scans (scans_3d_only.md "Pseudo-labelling and chunking").
+"""Pseudo-labelled chunks from raw scans (README "3D-only inspection of raw scans").
 
     python -m scans.build_dataset SCANS_DIR --out DATA_DIR [--detector iso|lof|hybrid] [--level low|high]
         [--chunk_size 9216|4096] [--tau 0.0025] [--split_by_scan] [--seed 42]

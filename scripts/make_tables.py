@@ -8,7 +8,7 @@ fills: ``--model`` (CMDR-IAD rows, or a method of the "Methods" tables), ``--mod
 ``case1``…``case6`` for Tables 7 and 10). Writes ``OUT/tables.md`` and ``OUT/tables.tex``: Table 1 (I-AUROC),
 2 (AUPRO@30%), 3 (AUPRO@1%), 6 (ablation), 7 and 10 (fusion variants), 9 (P-AUROC), and the methods side by side
 (means, and I-AUROC per class), each with its published numbers (the CMDR-IAD paper's tables for CFM and BTF per
-class, ``../shared/spec/peers.md`` for the means). The paper's AUPRO is the reference code's 99-threshold
+class, the published means of README "Methods"). The paper's AUPRO is the reference code's 99-threshold
 protocol, so our ``(99 thr)`` values are compared with it; the exact official values are shown in their own rows.
 Δ = ours − paper, in points.
 """

@@ -1,6 +1,6 @@
 """Checkpoints of the trainable modules: the contract's file names, a JSON sidecar, atomic writes, resume state.
 
-Files (overview.md "Checkpoints"), in the run folder :func:`run_folder` gives::
+Files (README "Training and inference"), in the run folder :func:`run_folder` gives::
 
     <run>/<class>/{map2Dto3D,map3Dto2D,Dec2D,Dec3D}_<class>_independent_<E>ep_<B>bs.pth   plain state_dicts
     <run>/<class>/<class>_independent_<E>ep_<B>bs.json                                  sidecar (run identity)

@@ -1,4 +1,4 @@
-"""On-disk cache of the frozen features (overview.md "Feature cache").
+"""On-disk cache of the frozen features (README "Frozen feature extractors").
 
 The extractors are frozen, so every sample's features are computed once. An entry stores the *parts* of
 :class:`networks.features.MultimodalFeatures` (RGB feature grid; per-group 3D features with propagation
@@ -9,7 +9,8 @@ Layout: ``<cache_dir>/<branch>/<fingerprint[:16]>/<dataset>-<hash of its path>/<
 The fingerprint hashes the extractor configuration and weights of the branch, so a changed configuration or
 weights file never reuses an entry; an entry also records the feature pipeline's version
 (``networks.features.FEATURE_PIPELINE_VERSION``, bumped when code changes alter feature values) and its source
-file's size and mtime, and is recomputed when either changed, or when it is truncated or unreadable. Entries are written atomically.
+file's size and mtime, and is recomputed when either changed, or when it is truncated or unreadable. Entries are
+written atomically.
 """
 
 from __future__ import annotations

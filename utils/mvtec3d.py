@@ -1,4 +1,4 @@
-"""Loading datasets in the MVTec 3D-AD layout (data_and_metrics.md §1, method.md §1.1).
+"""Loading datasets in the MVTec 3D-AD layout (README "Data layout and loading").
 
 Layout::
 

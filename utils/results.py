@@ -1,4 +1,4 @@
-"""Result files of an evaluation run (data_and_metrics.md §5).
+"""Result files of an evaluation run (README "Metrics").
 
 ``<results_dir>/<run_name>/metrics.json`` holds everything (the run's configuration, per-class metrics as
 fractions, their mean); ``metrics.md`` and ``metrics.csv`` hold the paper's table layout: one row per metric,

@@ -1,4 +1,4 @@
-"""A synthetic dataset in the MVTec 3D-AD layout (data_and_metrics.md §3), for tests and the demo.
+"""A synthetic dataset in the MVTec 3D-AD layout (README "Synthetic data"), for tests and the demo.
 
 Each sample is a physically plausible scene: a slightly tilted table 0.45–0.55 m from a pinhole
 camera, an object on it (``dome``, ``torus`` or striped ``box``) whose pose, size and surface

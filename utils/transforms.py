@@ -1,4 +1,4 @@
-"""The input transforms of the reference implementation (method.md §1.1).
+"""The input transforms of the reference implementation (README "Data layout and loading").
 
 * RGB: centred edge-replicate pad to a square, bicubic resize (PIL, as torchvision does for PIL
   images), scale to [0, 1], ImageNet normalisation.
