@@ -390,11 +390,16 @@ class MultimodalFeatures(nn.Module):
         return list(grid.unbind(0))
 
     @torch.no_grad()
-    def extract_xyz_parts(self, organized_pc: torch.Tensor) -> list[XYZParts | PointParts]:
+    def extract_xyz_parts(self, organized_pc: torch.Tensor, valid: torch.Tensor | None = None
+                          ) -> list[XYZParts | PointParts]:
         """Per-group Point-MAE features and propagation weights, or per-point FPFH features; one sample at a time.
 
         Args:
             organized_pc: (B, 3, S, S) organized clouds in metres, invalid pixels (0, 0, 0).
+            valid: (B, S, S) bool, which pixels hold a point. None: the reference rule for MVTec 3D-AD clouds — a
+                pixel with any coordinate exactly 0 is missing (the dataset marks missing points (0, 0, 0); the
+                reference code drops a point when any coordinate is 0, and the paper preset keeps that rule to stay
+                bit-equivalent). Data whose coordinates can be 0, e.g. normalised scan chunks, pass their mask.
 
         Raises:
             ValueError: a cloud with fewer valid points than num_group or group_size (FPFH: normal_max_nn); an
@@ -404,9 +409,10 @@ class MultimodalFeatures(nn.Module):
             raise ValueError(f"no 3D backbone for modality {self.modality!r}")
         self._check_input(organized_pc, "organized_pc")
         parts = []
-        for cloud in organized_pc.to(self.device):
+        for i, cloud in enumerate(organized_pc.to(self.device)):
             points = cloud.reshape(3, -1).T  # (S², 3) in raster order
-            pixel_index = torch.nonzero((points != 0).all(dim=1)).squeeze(1)
+            keep = (points != 0).all(dim=1) if valid is None else valid[i].reshape(-1).to(self.device)
+            pixel_index = torch.nonzero(keep).squeeze(1)
             points = points[pixel_index]
             if isinstance(self.xyz_backbone, FPFHExtractor):
                 parts.append(PointParts(self.xyz_backbone(points), pixel_index))

@@ -26,6 +26,9 @@ from utils.io import atomic_path
 logger = logging.getLogger(__name__)
 
 NORMALISATION_EPS = 1e-6
+# Version of the chunk features in the scan cache's file names: 2 = every point of a chunk is valid (version 1
+# dropped points with a normalised coordinate of exactly 0, e.g. the middle line of a line-scan chunk).
+SCAN_FEATURES_VERSION = 2
 
 
 def scan_extractor_config(preset: str, chunk_size: int) -> ExtractorConfig:
@@ -65,14 +68,18 @@ def chunk_parts(extractor: MultimodalFeatures, chunks: np.ndarray, cache_dir: Pa
     path = None
     if cache_dir is not None:
         digest = hashlib.sha256(np.ascontiguousarray(chunks).tobytes()).hexdigest()[:16]
-        path = Path(cache_dir) / f"scan_features_{extractor.fingerprint('xyz')[:16]}_{digest}.pt"
+        name = f"scan_features_v{SCAN_FEATURES_VERSION}_{extractor.fingerprint('xyz')[:16]}_{digest}.pt"
+        path = Path(cache_dir) / name
         if path.is_file():
             try:
                 stored = torch.load(path, map_location="cpu", weights_only=True)
                 return [part_type(*p) for p in stored]
             except Exception as err:  # truncated or corrupt: recompute
                 logger.warning("%s: unreadable feature cache (%s); recomputing", path, err)
-    parts = [extractor.extract_xyz_parts(organized(chunks[i : i + 1]))[0] for i in range(len(chunks))]
+    side = int(round(chunks.shape[1] ** 0.5))
+    every_point = torch.ones(1, side, side, dtype=torch.bool)  # a chunk holds real points only: none is missing,
+    # whatever its normalised coordinates (a line scanner's middle line sits at y = 0)
+    parts = [extractor.extract_xyz_parts(organized(chunks[i : i + 1]), every_point)[0] for i in range(len(chunks))]
     parts = [part.to("cpu") for part in parts]
     if path is not None:
         with atomic_path(path) as tmp:

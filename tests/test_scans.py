@@ -118,6 +118,28 @@ def scans_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+@pytest.mark.parametrize("layout", ["one line", "odd grid"])
+def test_chunks_keep_every_point_whatever_their_normalised_coordinates(layout: str):
+    """A line scanner records one constant y per line: a one-line chunk normalises y to 0 everywhere; a regular grid
+    with an odd number of columns puts its middle column at x = 0. No point of a chunk is missing."""
+    from networks.features import MultimodalFeatures
+    from scans.model import chunk_parts, scan_extractor_config
+
+    side = 64
+    rng = np.random.default_rng(0)
+    if layout == "one line":
+        chunk = np.stack([np.arange(side * side, dtype=float), np.full(side * side, 7.0),
+                          rng.normal(size=side * side)], axis=1)
+    else:  # 65 columns: the middle one normalises to x = 0
+        index = np.arange(side * side)
+        chunk = np.stack([index % 65, index // 65, rng.normal(size=side * side)], axis=1).astype(float)
+    normalised = normalise_chunk(chunk)[None].astype(np.float32)
+    assert (normalised == 0).any(axis=-1).sum() >= 63, "the layout puts coordinates at exactly 0"
+    extractor = MultimodalFeatures(scan_extractor_config("tiny", side * side), random_init=True, modality="xyz")
+    (part,) = chunk_parts(extractor, normalised)
+    assert part.pixel_index.tolist() == list(range(side * side))
+
+
 def test_seed_reaches_the_isolation_forest(scans_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     seeds = []
     original = build_dataset.IsolationForest
