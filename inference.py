@@ -32,14 +32,16 @@ from tqdm import tqdm
 
 from networks.detectors import detector_class
 from networks.fusion import FUSION_VARIANTS, normalize_scores
-from utils.checkpoints import load_modules, select_run, versions
+from utils.checkpoints import (
+    CheckpointError, adopt_recorded_settings, load_modules, read_sidecar, select_run, sidecar_path, versions,
+)
 from utils.feature_cache import FeatureCache
 from utils.io import InputError, atomic_path, read_mask, write_text_atomic
 from utils.metrics import PER_DEFECT_KEY, class_metrics, image_auroc_per_defect
-from utils.mvtec3d import make_dataloader
+from utils.mvtec3d import make_dataloader, resolve_class_names
 from utils.pipeline import (
-    RunConfig, add_run_arguments, model_identity, open_split, parse_run_args, prepare_run, setup_logging,
-    valid_mask,
+    DEFAULT_PRESET, RunConfig, add_run_arguments, model_identity, open_split, parse_run_args, prepare_run,
+    setup_logging, valid_mask,
 )
 from utils.results import metrics_markdown, write_results
 from utils.transforms import denormalize_rgb, to_native_resolution
@@ -112,6 +114,37 @@ def evaluate_class(class_name: str, config: RunConfig, cache: FeatureCache, fusi
     return metrics
 
 
+def adopt_run_settings(args: argparse.Namespace) -> None:
+    """Take the extractor options the command line leaves out (preset, random_init, bn_mode, weights files) from
+    the sidecars of the runs to evaluate; a given option that contradicts them is an error naming both values.
+
+    Runs without a sidecar (the authors' checkpoints) record nothing: the defaults apply (the paper preset).
+    """
+    config = RunConfig.from_args(args)
+    recorded: dict = {}
+    source = None
+    for class_name in resolve_class_names(config.dataset_path, config.class_names):
+        try:
+            epochs, batch_size = select_run(config.run_dir, class_name, config.epochs_no, config.batch_size)
+        except CheckpointError:
+            continue  # evaluate_class reports it, with the training command
+        sidecar = read_sidecar(config.run_dir, class_name, epochs, batch_size)
+        if sidecar is None:
+            continue
+        extractor = sidecar.get("extractor", {})
+        settings = {"preset": sidecar.get("preset"), "random_init": extractor.get("random_init"),
+                    "bn_mode": sidecar.get("extractor_config", {}).get("bn_mode"),
+                    "rgb_weights": extractor.get("rgb_weights"), "pointmae_weights": extractor.get("pointmae_weights")}
+        path = sidecar_path(config.run_dir, class_name, epochs, batch_size)
+        if source is not None and settings != recorded:
+            raise CheckpointError(f"{source} and {path} were trained with different extractor settings "
+                                  f"({recorded} vs {settings}): evaluate them in separate runs")
+        recorded, source = settings, path
+    adopt_recorded_settings(args, recorded, source, defaults={"preset": DEFAULT_PRESET, "random_init": False,
+                                                               "bn_mode": None},
+                            paths=("rgb_weights", "pointmae_weights"))
+
+
 def check_fusion(parser: argparse.ArgumentParser, config: RunConfig, fusion: str) -> None:
     """The method's fusion variants apply to its 2D+3D model; a single modality has only ``full``."""
     variants = detector_class(config.model).fusion_variants if config.modality == "rgbxyz" else ("full",)
@@ -135,6 +168,11 @@ def main(argv: list[str] | None = None) -> int:
                              "to each image's size and compared with the original gt (official MVTec protocol)")
     args = parse_run_args(parser, argv)
     setup_logging()
+    try:
+        adopt_run_settings(args)
+    except InputError as err:
+        logger.error("%s", err)
+        return 1
     config = RunConfig.from_args(args)
     check_fusion(parser, config, args.fusion)
     run_dir = args.results_dir / (args.run_name or f"{config.model}_{config.modality}_{args.fusion}_{config.preset}")

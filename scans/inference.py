@@ -25,7 +25,8 @@ from PIL import Image, ImageDraw
 
 from scans.model import build_decoder, chunk_parts, chunk_scores
 from scans.train import add_model_arguments, load_data_and_extractor, sidecar_of
-from utils.io import atomic_path, write_text_atomic
+from utils.checkpoints import adopt_recorded_settings
+from utils.io import InputError, atomic_path, write_text_atomic
 from utils.metrics import calculate_au_pro, image_auroc, pixel_auroc
 from utils.pipeline import setup_logging
 from utils.results import json_safe
@@ -58,17 +59,19 @@ def save_chunk_map(path: Path, points: np.ndarray, scores: np.ndarray, flagged: 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_arguments(parser)
+    add_model_arguments(parser, from_checkpoint=True)
     parser.add_argument("--results_dir", type=Path, default=Path("results"))
     parser.add_argument("--run_name", default="scans")
     parser.add_argument("--save_maps", action="store_true")
     args = parser.parse_args(argv)
     setup_logging()
     try:
-        data, data_config, extractor = load_data_and_extractor(args)
         if not args.checkpoint.is_file():
             raise FileNotFoundError(f"{args.checkpoint} not found: train it with `python -m scans.train`")
         sidecar = json.loads(sidecar_of(args.checkpoint).read_text()) if sidecar_of(args.checkpoint).is_file() else {}
+        adopt_recorded_settings(args, sidecar, sidecar_of(args.checkpoint),
+                                defaults={"preset": "paper", "random_init": False})
+        data, data_config, extractor = load_data_and_extractor(args)
         expected = {"preset": args.preset, "chunk_size": data_config.chunk_size,
                     "feature_fingerprint": extractor.fingerprint("xyz")}
         wrong = {k: (sidecar[k], v) for k, v in expected.items() if k in sidecar and sidecar[k] != v}
@@ -76,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"{args.checkpoint} was trained for another configuration: {wrong} (checkpoint, now)")
         decoder = build_decoder(extractor)
         decoder.load_state_dict(torch.load(args.checkpoint, map_location="cpu", weights_only=True))
-    except (FileNotFoundError, ValueError, RuntimeError) as err:
+    except (FileNotFoundError, ValueError, InputError) as err:
         logger.error("%s", err)
         return 1
     decoder.to(extractor.device).eval()

@@ -34,11 +34,16 @@ def sidecar_of(checkpoint: Path) -> Path:
     return checkpoint.with_suffix(".json")
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+def add_model_arguments(parser: argparse.ArgumentParser, from_checkpoint: bool = False) -> None:
+    """The options shared by scans.train and scans.inference; ``from_checkpoint``: --preset and --random_init
+    default to the checkpoint's sidecar."""
     parser.add_argument("--data", type=Path, required=True, help="folder written by scans.build_dataset")
     parser.add_argument("--checkpoint", type=Path, required=True)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="paper")
-    parser.add_argument("--random_init", action="store_true")
+    recorded = " (default: the checkpoint's)" if from_checkpoint else ""
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None if from_checkpoint else "paper",
+                        help="paper, lite or tiny (README 'Presets')" + recorded)
+    parser.add_argument("--random_init", action="store_true", default=None if from_checkpoint else False,
+                        help="random (seeded) Point-MAE weights: smoke tests" + recorded)
     parser.add_argument("--pointmae_weights", type=Path)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--cache_dir", type=Path, help="feature cache folder (default: --data)")

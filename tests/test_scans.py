@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import struct
 from pathlib import Path
 
@@ -186,11 +187,14 @@ def test_train_and_inference(scans_dir: Path, tmp_path: Path, preset: str):
     assert train.main([*model, "--epochs_no", "2", "--batch_size", "4"]) == 0
     assert list((tmp_path / "data").glob("scan_features_*.pt")), "train features cached"
     run = "NaN_sweep"  # a name with "NaN" in it stays as it is (only NaN values become null)
-    assert inference.main([*model, "--results_dir", str(tmp_path / "res"), "--run_name", run, "--save_maps"]) == 0
+    readme_way = ["--data", str(tmp_path / "data"), "--checkpoint", str(tmp_path / "dec.pth"), "--device", "cpu"]
+    assert inference.main([*readme_way, "--results_dir", str(tmp_path / "res"), "--run_name", run,
+                           "--save_maps"]) == 0, "preset and random_init come from the checkpoint's sidecar"
     metrics = json.loads((tmp_path / "res" / run / "metrics.json").read_text())
     assert metrics["config"]["run_name"] == run
-    for key in ("I-AUROC", "P-AUROC", "AUPRO@30%"):
-        assert metrics[key] is None or 0.0 <= metrics[key] <= 1.0
+    assert metrics["config"]["preset"] == preset and metrics["config"]["random_init"] == (preset == "tiny")
+    for key in ("I-AUROC", "P-AUROC", "AUPRO@30%"):  # the test chunks hold both labels: every metric is defined
+        assert metrics[key] is not None and 0.0 <= metrics[key] <= 1.0
     assert metrics["n_test"] >= metrics["n_anomalous"] > 0 and metrics["fps"] > 0
     assert len(list((tmp_path / "res" / run / "maps").glob("*.png"))) == metrics["n_test"]
 
@@ -204,6 +208,17 @@ def test_inference_refuses_a_checkpoint_of_another_configuration(scans_dir: Path
     sidecar["feature_fingerprint"] = "0" * 64
     (tmp_path / "dec.json").write_text(json.dumps(sidecar))
     assert inference.main([*model, "--preset", "tiny", "--random_init", "--results_dir", str(tmp_path)]) == 1
+
+
+def test_inference_flag_contradicting_the_checkpoint_is_an_error(scans_dir: Path, tmp_path: Path,
+                                                                 caplog: pytest.LogCaptureFixture):
+    assert build_dataset.main([str(scans_dir), "--out", str(tmp_path / "data"), "--chunk_size", str(CHUNK),
+                               "--tau", "0.0002"]) == 0
+    model = ["--data", str(tmp_path / "data"), "--checkpoint", str(tmp_path / "dec.pth"), "--device", "cpu"]
+    assert train.main([*model, "--preset", "tiny", "--random_init", "--epochs_no", "1"]) == 0
+    with caplog.at_level(logging.ERROR):
+        assert inference.main([*model, "--preset", "paper", "--results_dir", str(tmp_path)]) == 1
+    assert "--preset paper contradicts the trained run's preset 'tiny'" in caplog.text
 
 
 def test_sweep_writes_table8(scans_dir: Path, tmp_path: Path):

