@@ -4,22 +4,30 @@
         [--modality rgbxyz|rgb|xyz] [--epochs_no 50] [--batch_size 1]
         [--checkpoint_savepath checkpoints/CMDR_IAD_checkpoints] [--preset paper|lite|tiny]
         [--rgb_weights F] [--pointmae_weights F] [--random_init] [--cache_dir DIR] [--device auto|cpu|cuda]
-        [--seed 115] [--resume]
+        [--seed 115] [--snapshot_minutes 10] [--resume]
 
 Frozen features are computed once per sample and cached; an epoch then costs only the trainable modules. One
 loop serves every method: the method gives its named losses and its optimiser groups (CMDR-IAD: one Adam and
 one masked cosine loss per module). Checkpoints go to the run folder of (model, modality, seed) with a sidecar
 holding the run identity; a folder holding another run's files is never overwritten (the error names the fields
 that differ). With ``--resume`` a class whose identical run finished is skipped and an interrupted one continues
-from its last completed epoch, with the same result as an uninterrupted run.
+from where it stopped, with the same result as an uninterrupted run. The training state is saved after every
+epoch, every ``--snapshot_minutes`` inside an epoch, and at Ctrl-C (which lets the current step finish first, then
+prints the command that continues).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import shlex
+import signal
 import sys
+import threading
+import time
 from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -39,6 +47,8 @@ from utils.pipeline import (
 )
 
 logger = logging.getLogger("train")
+
+INTERRUPTED_EXIT = 130  # the shell's exit status for Ctrl-C
 
 
 def optimisation_step(model: Detector, optimizers: dict[str, torch.optim.Optimizer], cache: FeatureCache,
@@ -65,6 +75,53 @@ def make_optimizers(model: Detector) -> dict[str, torch.optim.Optimizer]:
     return {name: torch.optim.Adam([p for m in group.modules for p in modules[m].parameters()], lr=group.lr,
                                    betas=group.betas, weight_decay=group.weight_decay)
             for name, group in model.optimizer_groups().items()}
+
+
+@dataclass(frozen=True)
+class TrainingPosition:
+    """Where training stands: ``step`` batches of epoch ``epoch`` (0-based) done, the loader's generator state at
+    the start of that epoch (it decides the epoch's order), and the epoch's running loss sums."""
+
+    epoch: int
+    step: int
+    loader_rng: torch.Tensor
+    running: dict = field(default_factory=dict)
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped by Ctrl-C after its state was saved."""
+
+    def __init__(self, class_name: str, state_path: Path, position: TrainingPosition) -> None:
+        super().__init__(f"{class_name}: interrupted at epoch {position.epoch + 1}, step {position.step}; state saved "
+                         f"to {state_path}")
+        self.state_path = state_path
+
+
+class DeferredInterrupt:
+    """Within the block, Ctrl-C (SIGINT) only sets ``requested``: the training loop stops after the current step,
+    so the saved state is consistent. A second Ctrl-C stops at once. Only in the main thread (signals)."""
+
+    def __enter__(self) -> DeferredInterrupt:
+        self.requested = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        logger.warning("Ctrl-C: stopping after this step and saving the training state (again: stop at once)")
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def _rng_states() -> tuple[torch.Tensor, list | None]:
+    """The global torch (and CUDA) random states: dropout draws from them."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
 
 
 def claim_run_folder(args: tuple, identity: dict, modules: list[str]) -> bool:
@@ -106,52 +163,81 @@ def train_class(class_name: str, config: RunConfig, cache: FeatureCache, resume:
     optimizers = make_optimizers(model)
     loader = make_dataloader(dataset, config.batch_size, shuffle=True, seed=config.seed,
                              num_workers=config.num_workers)
-    start_epoch = 0
     state_path = resume_path(*args)
     state = load_resume_state(state_path) if resume else None
+    position = TrainingPosition(0, 0, loader.generator.get_state())
     if state is not None:
         check_compatible(state["identity"], identity, state_path)
         for name, module in model.trainable().items():
             module.load_state_dict(state["modules"][name])
         for name, optimizer in optimizers.items():
             optimizer.load_state_dict(state["optimizers"][name])
-        loader.generator.set_state(state["loader_rng"])
+        position = TrainingPosition(state["epoch"], state.get("step", 0), state["loader_rng"],
+                                    state.get("running", {}))
         torch.set_rng_state(state["torch_rng"])
         if torch.cuda.is_available() and state.get("cuda_rng") is not None:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
-        start_epoch = state["epoch"]
-        logger.info("%s: resuming after epoch %d of %d", class_name, start_epoch, config.epochs_no)
+        logger.info("%s: resuming at epoch %d, step %d (of %d epochs)", class_name, position.epoch + 1,
+                    position.step, config.epochs_no)
 
-    epoch_losses: dict[str, float] = {}
-    for epoch in range(start_epoch, config.epochs_no):
-        totals: dict[str, float] = defaultdict(float)
-        steps: dict[str, int] = defaultdict(int)
-        skipped: dict[str, int] = defaultdict(int)
-        progress = tqdm(loader, desc=f"{class_name} epoch {epoch + 1}/{config.epochs_no}", unit="batch", leave=False)
-        for batch in progress:
-            losses = optimisation_step(model, optimizers, cache, batch)
-            for name, loss in losses.items():
-                if loss is None:
-                    skipped[name] += 1
-                else:
-                    totals[name] += loss
-                    steps[name] += 1
-            progress.set_postfix({name: f"{totals[name] / max(steps[name], 1):.4f}" for name in losses})
-        for name, count in skipped.items():
-            logger.warning("%s epoch %d: %s skipped %d step(s) with a non-finite loss", class_name, epoch + 1, name,
-                           count)
-        epoch_losses = {name: totals[name] / steps[name] for name in steps}
-        logger.info("%s epoch %d/%d: %s", class_name, epoch + 1, config.epochs_no,
-                    ", ".join(f"{name} {value:.4f}" for name, value in epoch_losses.items()))
+    def snapshot(at: TrainingPosition, rng: tuple[torch.Tensor, list | None]) -> None:
         save_resume_state(state_path, {
             "identity": identity,
-            "epoch": epoch + 1,
+            "epoch": at.epoch,
+            "step": at.step,
+            "loader_rng": at.loader_rng,
+            "running": at.running,
             "modules": {name: module.state_dict() for name, module in model.trainable().items()},
             "optimizers": {name: optimizer.state_dict() for name, optimizer in optimizers.items()},
-            "loader_rng": loader.generator.get_state(),
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "torch_rng": rng[0],
+            "cuda_rng": rng[1],
         })
+
+    epoch_losses: dict[str, float] = {}
+    last_snapshot = time.monotonic()
+    rng = _rng_states()
+    with DeferredInterrupt() as interrupt:
+        try:
+            for epoch in range(position.epoch, config.epochs_no):  # position: the start of this epoch, or a
+                loader.generator.set_state(position.loader_rng)   # resumed step inside it
+                totals = defaultdict(float, position.running.get("totals", {}))
+                steps = defaultdict(int, position.running.get("steps", {}))
+                skipped = defaultdict(int, position.running.get("skipped", {}))
+                batches = iter(loader)  # draws the epoch's order from the loader's generator
+                for _ in range(position.step):  # steps done before the interruption
+                    next(batches)
+                progress = tqdm(batches, desc=f"{class_name} epoch {epoch + 1}/{config.epochs_no}", unit="batch",
+                                leave=False, initial=position.step, total=len(loader))
+                for batch in progress:
+                    losses = optimisation_step(model, optimizers, cache, batch)
+                    for name, loss in losses.items():
+                        if loss is None:
+                            skipped[name] += 1
+                        else:
+                            totals[name] += loss
+                            steps[name] += 1
+                    progress.set_postfix({name: f"{totals[name] / max(steps[name], 1):.4f}" for name in losses})
+                    rng = _rng_states()
+                    position = TrainingPosition(epoch, position.step + 1, position.loader_rng, {
+                        "totals": dict(totals), "steps": dict(steps), "skipped": dict(skipped)})
+                    if interrupt.requested:
+                        raise KeyboardInterrupt
+                    if time.monotonic() - last_snapshot >= config.snapshot_minutes * 60 and \
+                            position.step < len(loader):
+                        snapshot(position, rng)
+                        last_snapshot = time.monotonic()
+                for name, count in skipped.items():
+                    logger.warning("%s epoch %d: %s skipped %d step(s) with a non-finite loss", class_name,
+                                   epoch + 1, name, count)
+                epoch_losses = {name: totals[name] / steps[name] for name in steps}
+                logger.info("%s epoch %d/%d: %s", class_name, epoch + 1, config.epochs_no,
+                            ", ".join(f"{name} {value:.4f}" for name, value in epoch_losses.items()))
+                position = TrainingPosition(epoch + 1, 0, loader.generator.get_state())
+                snapshot(position, rng)
+                last_snapshot = time.monotonic()
+        except KeyboardInterrupt:
+            snapshot(position, rng)  # the state after the last finished step
+            raise TrainingInterrupted(class_name, state_path, position) from None
 
     sidecar = {
         **identity,
@@ -173,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_arguments(parser, training=True)
     parser.add_argument("--resume", action="store_true",
-                        help="skip finished classes and continue interrupted ones from their last completed epoch")
+                        help="skip finished classes and continue interrupted ones where their saved state stands")
     args = parse_run_args(parser, argv)
     setup_logging()
     config = RunConfig.from_args(args)
@@ -184,7 +270,15 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as err:  # the user's data, files or settings; anything else is a bug: traceback
         logger.error("%s", err)
         return 1
+    except TrainingInterrupted as err:
+        logger.warning("%s. Continue with: %s", err, resume_command("train.py", sys.argv[1:] if argv is None else argv))
+        return INTERRUPTED_EXIT
     return 0
+
+
+def resume_command(script: str, argv: list[str]) -> str:
+    """The command line that continues an interrupted run: the same options plus ``--resume``."""
+    return shlex.join(["python", script, *argv, *([] if "--resume" in argv else ["--resume"])])
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -24,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from inference import check_fusion, evaluate_class  # noqa: E402
 from networks.fusion import FUSION_VARIANTS  # noqa: E402
-from train import train_class  # noqa: E402
+from train import INTERRUPTED_EXIT, TrainingInterrupted, train_class  # noqa: E402
 from utils.checkpoints import versions  # noqa: E402
 from utils.io import InputError, write_text_atomic  # noqa: E402
 from utils.pipeline import (  # noqa: E402
@@ -71,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as err:  # the user's data, files or settings; anything else is a bug: traceback
         logger.error("%s", err)
         return 1
+    except TrainingInterrupted as err:  # rerunning the same command resumes (finished classes are skipped)
+        logger.warning("%s. Continue with the same command: %s", err,
+                       shlex.join(["python", "scripts/reproduce.py", *(sys.argv[1:] if argv is None else argv)]))
+        return INTERRUPTED_EXIT
     write_results(run_dir, {**run_config, "class_names": class_names, "extractor": extractor.metadata,
                             "versions": versions()}, per_class)
     logger.info("results in %s", run_dir)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -107,24 +109,73 @@ def test_training_is_deterministic(synthetic_root: Path, trained: Path, tmp_path
             assert torch.equal(again[name][key], reference[name][key]), f"{name}.{key}"
 
 
-def test_resume_continues_an_interrupted_run_exactly(synthetic_root: Path, trained: Path, tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch):
-    steps_per_epoch = 4  # n_train of the test dataset, batch size 1
+def _interrupt_at(monkeypatch: pytest.MonkeyPatch, call: int, error: BaseException) -> None:
+    """CMDRIAD.losses raises ``error`` at its ``call``-th call (before that step changes anything)."""
     original = CMDRIAD.losses
     calls = {"n": 0}
 
     def interrupted(self, *args, **kwargs):
         calls["n"] += 1
-        if calls["n"] > steps_per_epoch + 1:
-            raise KeyboardInterrupt  # killed during the second epoch
+        if calls["n"] == call:
+            raise error
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(CMDRIAD, "losses", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        run_train(synthetic_root, tmp_path)
-    assert resume_path(tmp_path / "ckpt", "dome", EPOCHS, 1).is_file()
+
+
+def test_ctrl_c_mid_epoch_saves_and_resumes_exactly(synthetic_root: Path, trained: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch,
+                                                     caplog: pytest.LogCaptureFixture):
+    steps_per_epoch = 4  # n_train of the test dataset, batch size 1
+    _interrupt_at(monkeypatch, steps_per_epoch + 2, KeyboardInterrupt())  # Ctrl-C in the 2nd step of epoch 2
+    with caplog.at_level(logging.WARNING):
+        assert run_train(synthetic_root, tmp_path) == train.INTERRUPTED_EXIT
+    state = torch.load(resume_path(tmp_path / "ckpt", "dome", EPOCHS, 1), weights_only=True)
+    assert (state["epoch"], state["step"]) == (1, 1), "the state after the last finished step"
     assert not sidecar_path(tmp_path / "ckpt", "dome", EPOCHS, 1).exists()
-    monkeypatch.setattr(CMDRIAD, "losses", original)
+    message = [r.getMessage() for r in caplog.records if "Continue with" in r.getMessage()]
+    assert len(message) == 1 and "interrupted at epoch 2, step 1" in message[0]
+    assert message[0].endswith("--resume") and "python train.py" in message[0]
+    monkeypatch.undo()
+    assert run_train(synthetic_root, tmp_path, "--resume") == 0
+    resumed, reference = state_dicts(tmp_path), state_dicts(trained)
+    for name in reference:
+        for key in reference[name]:
+            assert torch.equal(resumed[name][key], reference[name][key]), f"{name}.{key}"
+
+
+def test_a_real_ctrl_c_finishes_the_step_first(synthetic_root: Path, trained: Path, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch):
+    """SIGINT during a step: the step completes, then the state is saved and training stops."""
+    original = CMDRIAD.losses
+    calls = {"n": 0}
+
+    def signalled(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            os.kill(os.getpid(), signal.SIGINT)  # arrives while the 2nd step of epoch 2 runs
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(CMDRIAD, "losses", signalled)
+    assert run_train(synthetic_root, tmp_path) == train.INTERRUPTED_EXIT
+    state = torch.load(resume_path(tmp_path / "ckpt", "dome", EPOCHS, 1), weights_only=True)
+    assert (state["epoch"], state["step"]) == (1, 2), "the interrupted step was finished"
+    monkeypatch.undo()
+    assert run_train(synthetic_root, tmp_path, "--resume") == 0
+    resumed, reference = state_dicts(tmp_path), state_dicts(trained)
+    assert all(torch.equal(resumed[n][k], reference[n][k]) for n in reference for k in reference[n])
+
+
+def test_timed_snapshots_survive_a_crash(synthetic_root: Path, trained: Path, tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch):
+    """--snapshot_minutes 0 saves after every step: a process killed mid-epoch (here: an error that is not
+    Ctrl-C, so nothing is saved at the end) resumes from its last step to the same weights."""
+    _interrupt_at(monkeypatch, 3, RuntimeError("killed"))
+    with pytest.raises(RuntimeError, match="killed"):
+        run_train(synthetic_root, tmp_path, "--snapshot_minutes", "0")
+    state = torch.load(resume_path(tmp_path / "ckpt", "dome", EPOCHS, 1), weights_only=True)
+    assert (state["epoch"], state["step"]) == (0, 2)
+    monkeypatch.undo()
     assert run_train(synthetic_root, tmp_path, "--resume") == 0
     resumed, reference = state_dicts(tmp_path), state_dicts(trained)
     for name in reference:

@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_SEED = 115
 DEFAULT_PRESET = "paper"
+SNAPSHOT_MINUTES = 10.0  # training also saves its state inside an epoch this often
 DEFAULT_CHECKPOINTS = Path("checkpoints/CMDR_IAD_checkpoints")
 DEFAULT_CACHE = Path("cache/features")
 
@@ -52,6 +53,7 @@ class RunConfig:
     device: str = "auto"
     seed: int = DEFAULT_SEED
     num_workers: int = 0
+    snapshot_minutes: float = SNAPSHOT_MINUTES
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> RunConfig:
@@ -117,14 +119,17 @@ def add_feature_arguments(
 def add_run_arguments(parser: argparse.ArgumentParser, *, training: bool) -> None:
     """The options of :class:`RunConfig`; ``training`` picks the contract's spelling of two of them."""
     class_flags = ("--class_name", "--class_names") if training else ("--class_names", "--class_name")
-    checkpoint_flags = (
-        ("--checkpoint_savepath", "--checkpoint_folder") if training else ("--checkpoint_folder", "--checkpoint_savepath")
-    )
+    checkpoint_flags = ("--checkpoint_savepath", "--checkpoint_folder")
+    if not training:
+        checkpoint_flags = checkpoint_flags[::-1]
     add_feature_arguments(parser, class_flags=class_flags, from_checkpoint=not training)
     add_model_arguments(parser)
     if training:
         parser.add_argument("--epochs_no", type=int, default=50, help="training epochs")
         parser.add_argument("--batch_size", type=int, default=1, help="training batch size")
+        parser.add_argument("--snapshot_minutes", type=float, default=SNAPSHOT_MINUTES,
+                            help="also save the training state inside an epoch every this many minutes (and at "
+                                 "Ctrl-C); a paper-size epoch is hours on a CPU")
     else:
         parser.add_argument("--epochs_no", type=int, default=None,
                             help="epochs of the checkpoint to load (default: the only trained run in the folder)")
