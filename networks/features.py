@@ -24,10 +24,13 @@ import dataclasses
 import hashlib
 import json
 import logging
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlparse
 
+import huggingface_hub
 import timm
 import torch
 import torch.nn.functional as F
@@ -37,8 +40,8 @@ from torch import nn
 from networks.efficientnet_lite import EfficientNetLiteConfig, EfficientNetLiteFeatures, build_efficientnet
 from networks.fpfh import FPFHConfig, FPFHExtractor
 from networks.point_mae import (
-    DEFAULT_POINTMAE_WEIGHTS, BNMode, PointMAEConfig, PointMAEEncoder, WeightsError, load_pointmae_weights,
-    load_state_dict_checked, read_checkpoint,
+    DEFAULT_POINTMAE_WEIGHTS, POINTMAE_URL, BNMode, PointMAEConfig, PointMAEEncoder, WeightsError,
+    load_pointmae_weights, load_state_dict_checked, read_checkpoint,
 )
 from networks.point_ops import points_to_pixel_map, propagate, three_nn_weights
 from utils.transforms import IMAGENET_MEAN, IMAGENET_STD, Normalization
@@ -267,6 +270,51 @@ def build_xyz_backbone(
     return model.eval().requires_grad_(False)
 
 
+HUB_CONNECT_TIMEOUT = 3.0  # seconds: enough for a reachable hub, short enough to fail fast offline
+
+
+def _hub_weights_cached(timm_name: str) -> bool:
+    """Whether the Hugging Face cache already holds the timm model's pretrained weights."""
+    hub_id = getattr(timm.models.get_pretrained_cfg(timm_name), "hf_hub_id", None)
+    return bool(hub_id) and any(isinstance(huggingface_hub.try_to_load_from_cache(hub_id, name), str)
+                                for name in ("model.safetensors", "pytorch_model.bin"))
+
+
+def _hub_reachable() -> bool:
+    """Whether the Hugging Face hub answers (False at once when HF_HUB_OFFLINE is set)."""
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        return False
+    endpoint = urlparse(huggingface_hub.constants.ENDPOINT)
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), HUB_CONNECT_TIMEOUT).close()
+    except OSError:
+        return False
+    return True
+
+
+def missing_weights(config: ExtractorConfig, modality: str, random_init: bool, rgb_weights: str | Path | None,
+                    pointmae_weights: str | Path | None) -> list[str]:
+    """Every weights file the extractors would need and cannot get here, each with where to get it and the flag.
+
+    Checked before anything is built, so that a machine without the files fails at once, once, naming all of
+    them (rather than after the hub's retries, naming the first).
+    """
+    missing = []
+    vit = config.rgb
+    if "rgb" in modality and isinstance(vit, ViTConfig) and vit.timm_name and rgb_weights is None \
+            and not random_init and not _hub_weights_cached(vit.timm_name) and not _hub_reachable():
+        missing.append(f"RGB backbone {vit.timm_name}: not in the Hugging Face cache and the hub cannot be reached; "
+                       f"download {DINO_URL} and pass --rgb_weights FILE")
+    if rgb_weights is not None and not Path(rgb_weights).is_file():
+        missing.append(f"RGB backbone weights {rgb_weights}: no such file (--rgb_weights)")
+    if "xyz" in modality and isinstance(config.xyz, PointMAEConfig) and not (random_init and pointmae_weights is None):
+        path = Path(pointmae_weights) if pointmae_weights is not None else DEFAULT_POINTMAE_WEIGHTS
+        if not path.is_file():
+            missing.append(f"Point-MAE weights {path}: no such file; download {POINTMAE_URL} to "
+                           f"{DEFAULT_POINTMAE_WEIGHTS} or pass --pointmae_weights FILE")
+    return missing
+
+
 def foreground_mask(organized_pc: torch.Tensor, out_size: int | None = None) -> torch.Tensor:
     """Pixels whose F3D row is non-zero, computed from the cloud alone (no Point-MAE needed).
 
@@ -318,6 +366,9 @@ class MultimodalFeatures(nn.Module):
                 raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
             preset = PRESETS[preset]
         self.config = preset if bn_mode is None else dataclasses.replace(preset, bn_mode=bn_mode)
+        if missing := missing_weights(self.config, modality, random_init, rgb_weights, pointmae_weights):
+            raise WeightsError("the feature extractors' weights are missing:\n  - " + "\n  - ".join(missing)
+                               + "\n(--random_init gives random weights, for smoke tests only)")
         self.modality = modality
         self.device = torch.device(device)
         self.rgb_backbone = (

@@ -35,7 +35,7 @@ from sklearn.neighbors import LocalOutlierFactor
 from tqdm import tqdm
 
 from scans.readers import SUPPORTED_SUFFIXES, ScanFormatError, read_points
-from utils.io import atomic_path, write_text_atomic
+from utils.io import InputError, atomic_path, write_text_atomic
 
 logger = logging.getLogger("scans.build_dataset")
 
@@ -43,6 +43,10 @@ CONTAMINATION = {"low": 1e-4, "high": 1.5e-4}
 DETECTORS = ("iso", "lof", "hybrid")
 CHUNKS_FILE = "scan_chunks.npz"
 DATASET_FILE = "dataset.json"
+
+
+class ScanDataError(InputError, ValueError):
+    """The scans cannot make a chunk dataset with these settings, or a chunk dataset is missing."""
 
 
 @dataclass(frozen=True)
@@ -56,10 +60,11 @@ class ScanDatasetConfig:
 
     def __post_init__(self) -> None:
         if self.detector not in DETECTORS or self.level not in CONTAMINATION:
-            raise ValueError(f"detector must be one of {DETECTORS} and level one of {tuple(CONTAMINATION)}")
+            raise ScanDataError(f"detector must be one of {DETECTORS} and level one of {tuple(CONTAMINATION)}")
         side = int(round(self.chunk_size**0.5))
         if side * side != self.chunk_size or self.chunk_size % 32:
-            raise ValueError(f"chunk_size must be a square divisible by 32 (9216 = 96², 4096 = 64²), got {self.chunk_size}")
+            raise ScanDataError("chunk_size must be a square divisible by 32 (9216 = 96², 4096 = 64²), got "
+                                f"{self.chunk_size}")
 
 
 @dataclass
@@ -103,7 +108,7 @@ def split_chunks(labels: np.ndarray, scan: np.ndarray, config: ScanDatasetConfig
     normal = np.flatnonzero(labels == 0)
     if not config.split_by_scan:
         if len(normal) < 2:
-            raise ValueError("fewer than 2 normal chunks: nothing to train on")
+            raise ScanDataError("fewer than 2 normal chunks: nothing to train on")
         train, _ = train_test_split(normal, test_size=0.1, random_state=config.seed)
         split[train] = "train"
         return split.astype(str)
@@ -116,7 +121,7 @@ def split_chunks(labels: np.ndarray, scan: np.ndarray, config: ScanDatasetConfig
         test_scans.append(s)
         n_test += int(np.sum((scan == s) & (labels == 0)))
     if len(test_scans) == len(scans):
-        raise ValueError("--split_by_scan needs at least 2 scans")
+        raise ScanDataError("--split_by_scan needs at least 2 scans")
     in_test = np.isin(scan, test_scans)
     split[~in_test & (labels == 0)] = "train"
     split[~in_test & (labels == 1)] = "unused"
@@ -143,7 +148,7 @@ def build(scans_dir: Path, out_dir: Path, config: ScanDatasetConfig) -> ScanChun
             scan_index.append(index)
             offsets.append(c * config.chunk_size)
     if not chunks:
-        raise ValueError(f"{scans_dir}: no scan holds a whole chunk of {config.chunk_size} points")
+        raise ScanDataError(f"{scans_dir}: no scan holds a whole chunk of {config.chunk_size} points")
     labels_array, scan_array = np.array(labels), np.array(scan_index)
     data = ScanChunks(np.stack(chunks), labels_array, np.stack(masks), split_chunks(labels_array, scan_array, config),
                       scan_array, np.array(offsets), [p.name for p in files])
@@ -157,7 +162,8 @@ def save(data: ScanChunks, out_dir: Path, config: ScanDatasetConfig) -> None:
                         scan=data.scan, offset=data.offset, scan_names=np.array(data.scan_names))
     with atomic_path(Path(out_dir) / CHUNKS_FILE) as tmp:
         tmp.write_bytes(buffer.getvalue())
-    counts = {s: {"chunks": int(np.sum(data.split == s)), "anomalous": int(np.sum((data.split == s) & (data.labels == 1)))}
+    counts = {s: {"chunks": int(np.sum(data.split == s)),
+                  "anomalous": int(np.sum((data.split == s) & (data.labels == 1)))}
               for s in ("train", "test", "unused")}
     summary = {"config": asdict(config), "scans": data.scan_names, "counts": counts,
                "labels": "agreement with the outlier detector, not human inspection"}
@@ -169,7 +175,8 @@ def save(data: ScanChunks, out_dir: Path, config: ScanDatasetConfig) -> None:
 def load(data_dir: str | Path) -> tuple[ScanChunks, ScanDatasetConfig]:
     path = Path(data_dir) / CHUNKS_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: build it with `python -m scans.build_dataset SCANS_DIR --out {data_dir}`")
+        raise ScanDataError(f"{path} not found: build it with "
+                            f"`python -m scans.build_dataset SCANS_DIR --out {data_dir}`")
     with np.load(path, allow_pickle=False) as arrays:
         data = ScanChunks(arrays["chunks"], arrays["labels"], arrays["masks"], arrays["split"], arrays["scan"],
                           arrays["offset"], [str(s) for s in arrays["scan_names"]])
@@ -192,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = ScanDatasetConfig(args.detector, args.level, args.chunk_size, args.tau, args.split_by_scan, args.seed)
         build(args.scans_dir, args.out, config)
-    except (ScanFormatError, ValueError) as err:
+    except InputError as err:  # the scans or the settings; anything else is a bug: traceback
         logger.error("%s", err)
         return 1
     return 0

@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw
 
 from scans.model import build_decoder, chunk_parts, chunk_scores
 from scans.train import add_model_arguments, load_data_and_extractor, sidecar_of
-from utils.checkpoints import adopt_recorded_settings
+from utils.checkpoints import CheckpointError, adopt_recorded_settings
 from utils.io import InputError, atomic_path, write_text_atomic
 from utils.metrics import calculate_au_pro, image_auroc, pixel_auroc
 from utils.pipeline import setup_logging
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     try:
         if not args.checkpoint.is_file():
-            raise FileNotFoundError(f"{args.checkpoint} not found: train it with `python -m scans.train`")
+            raise CheckpointError(f"{args.checkpoint} not found: train it with `python -m scans.train`")
         sidecar = json.loads(sidecar_of(args.checkpoint).read_text()) if sidecar_of(args.checkpoint).is_file() else {}
         adopt_recorded_settings(args, sidecar, sidecar_of(args.checkpoint),
                                 defaults={"preset": "paper", "random_init": False})
@@ -76,10 +76,11 @@ def main(argv: list[str] | None = None) -> int:
                     "feature_fingerprint": extractor.fingerprint("xyz")}
         wrong = {k: (sidecar[k], v) for k, v in expected.items() if k in sidecar and sidecar[k] != v}
         if wrong:
-            raise ValueError(f"{args.checkpoint} was trained for another configuration: {wrong} (checkpoint, now)")
+            raise CheckpointError(f"{args.checkpoint} was trained for another configuration: {wrong} (checkpoint, "
+                                  "now)")
         decoder = build_decoder(extractor)
         decoder.load_state_dict(torch.load(args.checkpoint, map_location="cpu", weights_only=True))
-    except (FileNotFoundError, ValueError, InputError) as err:
+    except InputError as err:  # the data, checkpoint, weights or settings; anything else is a bug: traceback
         logger.error("%s", err)
         return 1
     decoder.to(extractor.device).eval()

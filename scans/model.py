@@ -21,6 +21,7 @@ from networks.cmdr import build_module, feature_distance
 from networks.features import PRESETS, ExtractorConfig, MultimodalFeatures, PointParts, XYZParts
 from networks.fpfh import FPFHConfig
 from networks.fusion import box_filter
+from scans.build_dataset import ScanDataError
 from utils.io import atomic_path
 
 logger = logging.getLogger(__name__)
@@ -58,7 +59,8 @@ def organized(chunks: np.ndarray) -> torch.Tensor:
     """(B, K, 3) chunks → (B, 3, S, S) organized clouds (row-major layout)."""
     batch, k, _ = chunks.shape
     side = int(round(k**0.5))
-    return torch.from_numpy(np.ascontiguousarray(chunks, dtype=np.float32)).transpose(1, 2).reshape(batch, 3, side, side)
+    points = torch.from_numpy(np.ascontiguousarray(chunks, dtype=np.float32))
+    return points.transpose(1, 2).reshape(batch, 3, side, side)
 
 
 def chunk_parts(extractor: MultimodalFeatures, chunks: np.ndarray, cache_dir: Path | None = None
@@ -79,7 +81,12 @@ def chunk_parts(extractor: MultimodalFeatures, chunks: np.ndarray, cache_dir: Pa
     side = int(round(chunks.shape[1] ** 0.5))
     every_point = torch.ones(1, side, side, dtype=torch.bool)  # a chunk holds real points only: none is missing,
     # whatever its normalised coordinates (a line scanner's middle line sits at y = 0)
-    parts = [extractor.extract_xyz_parts(organized(chunks[i : i + 1]), every_point)[0] for i in range(len(chunks))]
+    parts = []
+    for i in range(len(chunks)):
+        try:
+            parts += extractor.extract_xyz_parts(organized(chunks[i : i + 1]), every_point)
+        except ValueError as err:  # e.g. fewer points than the encoder's groups
+            raise ScanDataError(f"chunk {i}: {err}") from None
     parts = [part.to("cpu") for part in parts]
     if path is not None:
         with atomic_path(path) as tmp:

@@ -11,10 +11,12 @@ from pathlib import Path
 
 import numpy as np
 
+from utils.io import InputError
+
 SUPPORTED_SUFFIXES = (".ply", ".pcd", ".xyz", ".txt", ".csv", ".npy")
 
 
-class ScanFormatError(ValueError):
+class ScanFormatError(InputError, ValueError):
     """A scan file is malformed or of an unsupported kind."""
 
 

@@ -24,7 +24,7 @@ from networks.features import PRESETS
 from scans.build_dataset import load
 from scans.model import build_decoder, build_extractor, chunk_parts
 from utils.checkpoints import versions
-from utils.io import atomic_path, write_text_atomic
+from utils.io import InputError, atomic_path, write_text_atomic
 from utils.pipeline import resolve_device, seed_everything, setup_logging
 
 logger = logging.getLogger("scans.train")
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         data, data_config, extractor = load_data_and_extractor(args)
         train = data.subset("train")
         parts = chunk_parts(extractor, data.chunks[train], args.cache_dir or args.data)
-    except (FileNotFoundError, ValueError, RuntimeError) as err:
+    except InputError as err:  # the data, weights or settings; anything else is a bug: traceback
         logger.error("%s", err)
         return 1
     seed_everything(args.seed)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import huggingface_hub
 import pytest
 
 from utils.synthetic import SyntheticConfig, generate_dataset
@@ -31,3 +32,15 @@ def dataset_copy(synthetic_root: Path, tmp_path: Path) -> Path:
     root = tmp_path / "data"
     shutil.copytree(synthetic_root / "dome", root / "dome")
     return root
+
+
+@pytest.fixture
+def offline_without_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A machine with no network and no weights: the hub offline, an empty Hugging Face cache (so a user's cached
+    DINO weights cannot make a test pass or fail) and a working folder without checkpoints/."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf_cache"))
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    return work

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import huggingface_hub
 import pytest
 import torch
 
@@ -31,9 +30,8 @@ def test_demo_passes_weight_files_to_training_and_inference(tmp_path: Path):
     assert (out / "checkpoints" / "tiny" / "dome").is_dir()
 
 
-def test_paper_demo_without_weights_stops_with_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+def test_paper_demo_without_weights_stops_with_a_clear_error(tmp_path: Path, offline_without_weights: Path,
                                                              caplog: pytest.LogCaptureFixture):
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # fail at once, no network timeouts
     assert demo.main(["--out", str(tmp_path / "demo"), "--preset", "paper", "--device", "cpu"]) == 1
     assert "--rgb_weights" in caplog.text
     assert not (tmp_path / "demo" / "checkpoints" / "paper").exists()

@@ -6,7 +6,6 @@ import dataclasses
 import json
 from pathlib import Path
 
-import huggingface_hub
 import pytest
 import torch
 import torch.nn.functional as F
@@ -93,10 +92,27 @@ def test_tiny_rgb_without_random_init_is_refused():
         MultimodalFeatures("tiny", modality="rgb")
 
 
-def test_paper_rgb_offline_without_file_is_a_clear_error(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # fail at once, no network timeouts
+def test_paper_rgb_offline_without_file_is_a_clear_error(offline_without_weights: Path):
     with pytest.raises(WeightsError, match="dino_vitbase8_pretrain.pth.*--rgb_weights"):
         build_rgb_backbone(PRESETS["paper"], random_init=False)
+
+
+def test_every_missing_weights_file_is_named_at_once(offline_without_weights: Path):
+    with pytest.raises(WeightsError) as error:
+        MultimodalFeatures("paper")
+    message = str(error.value)
+    assert message.count("\n  - ") == 2, message
+    assert "vit_base_patch8_224.dino" in message and "dino_vitbase8_pretrain.pth" in message
+    assert "--rgb_weights" in message and POINTMAE_URL in message and "--pointmae_weights" in message
+    with pytest.raises(WeightsError, match="nope.pth: no such file"):
+        MultimodalFeatures("paper", rgb_weights="nope.pth", random_init=True)
+
+
+def test_weights_in_the_hub_cache_need_no_network(offline_without_weights: Path, monkeypatch: pytest.MonkeyPatch):
+    from networks import features
+
+    monkeypatch.setattr(features, "_hub_weights_cached", lambda name: True)
+    assert features.missing_weights(PRESETS["paper"], "rgb", False, None, None) == []
 
 
 @pytest.mark.parametrize("layout", ["timm.pth", "dino_teacher.pth", "timm.safetensors"])
@@ -161,14 +177,21 @@ def test_encoder_fetches_normalised_blocks():
                             second_conv_hidden=16, fetch_blocks=(1, 3))
     encoder = _seeded_encoder(config)
     neighbourhoods, centres = torch.randn(8, 4, 3), torch.randn(8, 3)
-    x = encoder.encoder(neighbourhoods)[None]
-    pos = encoder.pos_embed(centres)[None]
-    outputs = []
+    inputs, outputs = [], []  # what each block of the running encoder received and returned (hooks, no re-run)
     for block in encoder.blocks.blocks:
-        x = block(x + pos)
-        outputs.append(encoder.norm(x)[0])
-    torch.testing.assert_close(encoder(neighbourhoods, centres), torch.cat([outputs[1], outputs[3]], dim=1))
-    assert config.feature_dim == 24
+        block.register_forward_pre_hook(lambda module, args: inputs.append(args[0].detach().clone()))
+        block.register_forward_hook(lambda module, args, out: outputs.append(out.detach().clone()))
+    features = encoder(neighbourhoods, centres)
+    pos = encoder.pos_embed(centres)
+    # the positional embedding is added before every block (the reference's x = block(x + pos))
+    torch.testing.assert_close(inputs[0], encoder.encoder(neighbourhoods)[None] + pos)
+    for i in range(1, config.depth):
+        torch.testing.assert_close(inputs[i], outputs[i - 1] + pos)
+    # the features are blocks 1 and 3 (fetch_blocks), each through the final LayerNorm, side by side
+    def layer_norm(x):
+        return F.layer_norm(x, (12,), encoder.norm.weight, encoder.norm.bias, eps=encoder.norm.eps)[0]
+    torch.testing.assert_close(features, torch.cat([layer_norm(outputs[1]), layer_norm(outputs[3])], dim=1))
+    assert features.shape == (8, config.feature_dim) and config.feature_dim == 24
 
 
 def _seeded_encoder(config: PointMAEConfig) -> PointMAEEncoder:

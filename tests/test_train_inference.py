@@ -109,6 +109,14 @@ def test_training_is_deterministic(synthetic_root: Path, trained: Path, tmp_path
             assert torch.equal(again[name][key], reference[name][key]), f"{name}.{key}"
 
 
+def assert_resumes_to_the_uninterrupted_weights(data: Path, trained: Path, work: Path) -> None:
+    assert run_train(data, work, "--resume") == 0
+    resumed, reference = state_dicts(work), state_dicts(trained)
+    for name in reference:
+        for key in reference[name]:
+            assert torch.equal(resumed[name][key], reference[name][key]), f"{name}.{key}"
+
+
 def _interrupt_at(monkeypatch: pytest.MonkeyPatch, call: int, error: BaseException) -> None:
     """CMDRIAD.losses raises ``error`` at its ``call``-th call (before that step changes anything)."""
     original = CMDRIAD.losses
@@ -137,11 +145,7 @@ def test_ctrl_c_mid_epoch_saves_and_resumes_exactly(synthetic_root: Path, traine
     assert len(message) == 1 and "interrupted at epoch 2, step 1" in message[0]
     assert message[0].endswith("--resume") and "python train.py" in message[0]
     monkeypatch.undo()
-    assert run_train(synthetic_root, tmp_path, "--resume") == 0
-    resumed, reference = state_dicts(tmp_path), state_dicts(trained)
-    for name in reference:
-        for key in reference[name]:
-            assert torch.equal(resumed[name][key], reference[name][key]), f"{name}.{key}"
+    assert_resumes_to_the_uninterrupted_weights(synthetic_root, trained, tmp_path)
 
 
 def test_a_real_ctrl_c_finishes_the_step_first(synthetic_root: Path, trained: Path, tmp_path: Path,
@@ -161,9 +165,7 @@ def test_a_real_ctrl_c_finishes_the_step_first(synthetic_root: Path, trained: Pa
     state = torch.load(resume_path(tmp_path / "ckpt", "dome", EPOCHS, 1), weights_only=True)
     assert (state["epoch"], state["step"]) == (1, 2), "the interrupted step was finished"
     monkeypatch.undo()
-    assert run_train(synthetic_root, tmp_path, "--resume") == 0
-    resumed, reference = state_dicts(tmp_path), state_dicts(trained)
-    assert all(torch.equal(resumed[n][k], reference[n][k]) for n in reference for k in reference[n])
+    assert_resumes_to_the_uninterrupted_weights(synthetic_root, trained, tmp_path)
 
 
 def test_timed_snapshots_survive_a_crash(synthetic_root: Path, trained: Path, tmp_path: Path,
@@ -176,11 +178,7 @@ def test_timed_snapshots_survive_a_crash(synthetic_root: Path, trained: Path, tm
     state = torch.load(resume_path(tmp_path / "ckpt", "dome", EPOCHS, 1), weights_only=True)
     assert (state["epoch"], state["step"]) == (0, 2)
     monkeypatch.undo()
-    assert run_train(synthetic_root, tmp_path, "--resume") == 0
-    resumed, reference = state_dicts(tmp_path), state_dicts(trained)
-    for name in reference:
-        for key in reference[name]:
-            assert torch.equal(resumed[name][key], reference[name][key]), f"{name}.{key}"
+    assert_resumes_to_the_uninterrupted_weights(synthetic_root, trained, tmp_path)
 
 
 def test_resume_skips_finished_classes(synthetic_root: Path, trained: Path, caplog: pytest.LogCaptureFixture):

@@ -84,6 +84,8 @@ def read_xyz(path: str | Path) -> np.ndarray:
         raise DatasetError(f"{path}: file not found") from None
     except Exception as err:  # tifffile raises a variety of types for corrupt files
         raise DatasetError(f"{path}: unreadable or truncated tiff ({type(err).__name__}: {err})") from None
+    if array.size == 0:  # e.g. a file cut right after its 8-byte header: tifffile finds no page and returns (0,)
+        raise DatasetError(f"{path}: unreadable or truncated tiff (no image data)")
     if array.ndim != 3 or array.shape[-1] != 3:
         hint = " (channels first? expected channels last)" if array.ndim == 3 and array.shape[0] == 3 else ""
         raise DatasetError(
