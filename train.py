@@ -91,9 +91,15 @@ class TrainingPosition:
 class TrainingInterrupted(Exception):
     """Training stopped by Ctrl-C after its state was saved."""
 
-    def __init__(self, class_name: str, state_path: Path, position: TrainingPosition) -> None:
-        super().__init__(f"{class_name}: interrupted at epoch {position.epoch + 1}, step {position.step}; state saved "
-                         f"to {state_path}")
+    def __init__(self, class_name: str, state_path: Path, position: TrainingPosition, saved: bool = True) -> None:
+        where = f"{class_name}: interrupted at epoch {position.epoch + 1}, step {position.step}"
+        if saved:
+            message = f"{where}; state saved to {state_path}"
+        elif state_path.is_file():
+            message = f"{where}, stopped at once; the last saved state in {state_path} is kept"
+        else:
+            message = f"{where}, stopped at once before any state was saved"
+        super().__init__(message)
         self.state_path = state_path
 
 
@@ -103,6 +109,7 @@ class DeferredInterrupt:
 
     def __enter__(self) -> DeferredInterrupt:
         self.requested = False
+        self.forced = False  # a second Ctrl-C: the step may be half done, its state must not be saved
         self._previous = None
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGINT, self._handle)
@@ -110,6 +117,7 @@ class DeferredInterrupt:
 
     def _handle(self, signum: int, frame: object) -> None:
         if self.requested:
+            self.forced = True
             raise KeyboardInterrupt
         self.requested = True
         logger.warning("Ctrl-C: stopping after this step and saving the training state (again: stop at once)")
@@ -236,8 +244,9 @@ def train_class(class_name: str, config: RunConfig, cache: FeatureCache, resume:
                 snapshot(position, rng)
                 last_snapshot = time.monotonic()
         except KeyboardInterrupt:
-            snapshot(position, rng)  # the state after the last finished step
-            raise TrainingInterrupted(class_name, state_path, position) from None
+            if not interrupt.forced:
+                snapshot(position, rng)  # the state after the last finished step
+            raise TrainingInterrupted(class_name, state_path, position, saved=not interrupt.forced) from None
 
     sidecar = {
         **identity,

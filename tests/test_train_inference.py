@@ -168,6 +168,29 @@ def test_a_real_ctrl_c_finishes_the_step_first(synthetic_root: Path, trained: Pa
     assert_resumes_to_the_uninterrupted_weights(synthetic_root, trained, tmp_path)
 
 
+def test_a_second_ctrl_c_stops_at_once_without_saving_a_half_step(synthetic_root: Path, trained: Path,
+                                                                   tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   caplog: pytest.LogCaptureFixture):
+    original = CMDRIAD.losses
+    calls = {"n": 0}
+
+    def signalled_twice(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)  # the second one interrupts this very step
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(CMDRIAD, "losses", signalled_twice)
+    with caplog.at_level(logging.WARNING):
+        assert run_train(synthetic_root, tmp_path) == train.INTERRUPTED_EXIT
+    assert "stopped at once; the last saved state" in caplog.text
+    state = torch.load(resume_path(tmp_path / "ckpt", "dome", EPOCHS, 1), weights_only=True)
+    assert (state["epoch"], state["step"]) == (1, 0), "the snapshot of the last epoch's end, not the half step"
+    monkeypatch.undo()
+    assert_resumes_to_the_uninterrupted_weights(synthetic_root, trained, tmp_path)
+
+
 def test_timed_snapshots_survive_a_crash(synthetic_root: Path, trained: Path, tmp_path: Path,
                                          monkeypatch: pytest.MonkeyPatch):
     """--snapshot_minutes 0 saves after every step: a process killed mid-epoch (here: an error that is not
