@@ -393,3 +393,16 @@ def test_a_bug_keeps_its_traceback(synthetic_root: Path, tmp_path: Path, monkeyp
     monkeypatch.setattr(CMDRIAD, "losses", broken)
     with pytest.raises(RuntimeError, match="a genuine bug"):
         run_train(synthetic_root, tmp_path)
+
+
+def test_inference_batch_size_does_not_change_per_sample_results(synthetic_root: Path, trained: Path):
+    def scores(batch_size: int) -> tuple[list[float], dict]:
+        assert run_inference(synthetic_root, trained, "--eval_batch_size", str(batch_size)) == 0
+        run = trained / "results" / "run"
+        lines = (run / "scores" / "dome.csv").read_text().splitlines()[1:]
+        document = json.loads((run / "metrics.json").read_text())
+        return [float(line.split(",")[2]) for line in lines], {k: document["classes"]["dome"][k] for k in METRIC_KEYS}
+
+    (one, metrics_one), (three, metrics_three) = scores(1), scores(3)
+    assert one == pytest.approx(three, rel=1e-5)  # batched matrix products only reassociate float sums
+    assert metrics_one == pytest.approx(metrics_three, abs=1e-6)
