@@ -79,8 +79,9 @@ def chunk_parts(extractor: MultimodalFeatures, chunks: np.ndarray, cache_dir: Pa
             except Exception as err:  # truncated or corrupt: recompute
                 logger.warning("%s: unreadable feature cache (%s); recomputing", path, err)
     side = int(round(chunks.shape[1] ** 0.5))
-    every_point = torch.ones(1, side, side, dtype=torch.bool)  # a chunk holds real points only: none is missing,
-    # whatever its normalised coordinates (a line scanner's middle line sits at y = 0)
+    # A chunk holds measured points only: none is missing, whatever its normalised coordinates (a line scanner's
+    # middle line sits at y = 0).
+    every_point = torch.ones(1, side, side, dtype=torch.bool)
     parts = []
     for i in range(len(chunks)):
         try:
