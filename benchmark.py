@@ -12,6 +12,10 @@
 * ``train_epoch_seconds_cached`` / ``_uncached``: one training epoch (batch size 1) reading features from the cache /
   computing them at every step.
 * ``stages``: mean seconds per sample of each inference stage.
+* ``roofline``: this process's own dense matmul rate (fp32, and bf16 where the device runs it), measured in the same
+  run, and per stage its FLOP count (torch's FLOP counter on the warm-up sample: convolutions and matrix products;
+  numpy work such as FPFH counts 0), seconds and the fraction of the fp32 matmul rate it reaches — ratios, because
+  absolute seconds on a shared machine are noise.
 
 Without ``--dataset_path`` a small synthetic class (8 train, 8 test samples of 400×400) is generated in a temporary
 folder. The numbers are printed and, with ``--out``, written as JSON. Module weights are random (untrained): speed
@@ -30,6 +34,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from networks.detector import Detector
 from networks.detectors import build_detector, parse_model_options
@@ -51,13 +56,54 @@ def _clock(device: torch.device) -> float:
     return time.perf_counter()
 
 
+MATMUL_SIZE = 2048  # square operands of the rate measurement: large enough to reach the matrix unit's rate
+MATMUL_REPEATS = 3
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype) -> float | None:
+    """FLOP/s of a dense (MATMUL_SIZE²) @ (MATMUL_SIZE²) product on ``device`` in ``dtype`` (best of a few, after a
+    warm-up); None where the device does not run that dtype."""
+    try:
+        a = torch.randn(MATMUL_SIZE, MATMUL_SIZE, device=device).to(dtype)
+        b = torch.randn(MATMUL_SIZE, MATMUL_SIZE, device=device).to(dtype)
+        a @ b
+    except RuntimeError:
+        return None
+    best = float("inf")
+    for _ in range(MATMUL_REPEATS):
+        start = _clock(device)
+        a @ b
+        best = min(best, _clock(device) - start)
+    return 2 * MATMUL_SIZE**3 / best
+
+
+def count_flops(function, *args, **kwargs) -> tuple[object, int]:
+    """``function(*args, **kwargs)`` and the FLOPs torch counts in it (matrix products, convolutions)."""
+    with FlopCounterMode(display=False) as counter:
+        result = function(*args, **kwargs)
+    return result, counter.get_total_flops()
+
+
 def inference_speed(extractor: MultimodalFeatures, model: Detector, dataset: MVTec3DDataset) -> dict:
-    """Whole-pipeline seconds per test sample, per stage and in total (after one warm-up sample)."""
+    """Whole-pipeline seconds per test sample, per stage and in total (after one warm-up sample), and the FLOPs
+    of each stage (counted on the warm-up sample, which is not timed)."""
     device = extractor.device
     stages: dict[str, list[float]] = defaultdict(list)
+    flops: dict[str, int] = {}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for index in range(len(dataset)):
+        if index == 0:  # warm-up: count the FLOPs (the counter slows the run down, so this sample is not timed)
+            batch = collate_samples([dataset[index]])
+            with torch.no_grad():
+                (f2d, f3d), flops["features"] = count_flops(extractor.get_features_maps, batch.rgb.to(device),
+                                                            batch.xyz.to(device))
+                psi, flops["modules + fusion"] = count_flops(model.anomaly_map, f2d, f3d,
+                                                             valid_mask(batch, f3d, extractor))
+                _, flops["normalisation"] = count_flops(normalize_scores, psi)
+            flops["load"] = 0
+            flops["total"] = sum(flops.values())
+            continue
         start = _clock(device)
         batch = collate_samples([dataset[index]])
         loaded = _clock(device)
@@ -68,8 +114,6 @@ def inference_speed(extractor: MultimodalFeatures, model: Detector, dataset: MVT
             scored = _clock(device)
             normalize_scores(psi)
         done = _clock(device)
-        if index == 0:
-            continue  # warm-up
         for name, seconds in (("load", loaded - start), ("features", extracted - loaded),
                               ("modules + fusion", scored - extracted), ("normalisation", done - scored),
                               ("total", done - start)):
@@ -79,7 +123,14 @@ def inference_speed(extractor: MultimodalFeatures, model: Detector, dataset: MVT
         peak = torch.cuda.max_memory_allocated(device) / 2**20
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"fps": 1.0 / means["total"], "peak_memory_mb": peak, "stages": means}
+    rates = {"fp32": matmul_rate(device, torch.float32), "bf16": matmul_rate(device, torch.bfloat16)}
+    roofline = {
+        "matmul_gflops_per_second": {dtype: None if rate is None else rate / 1e9 for dtype, rate in rates.items()},
+        "stages": {name: {"gflop": flops[name] / 1e9, "seconds": seconds,
+                          "fraction_of_fp32_matmul_rate": flops[name] / seconds / rates["fp32"]}
+                   for name, seconds in means.items()},
+    }
+    return {"fps": 1.0 / means["total"], "peak_memory_mb": peak, "stages": means, "roofline": roofline}
 
 
 def epoch_seconds(extractor: MultimodalFeatures, model: Detector, dataset: MVTec3DDataset, cache_dir: Path | None
@@ -133,8 +184,14 @@ def main(argv: list[str] | None = None) -> int:
         }
         print(f"{args.model}, preset {args.preset} on {results['device_name']}: {results['fps']:.2f} FPS, "
               f"peak memory {results['peak_memory_mb']:.0f} MB", flush=True)
+        roofline = results["roofline"]
+        rates = ", ".join(f"{dtype} {rate:.0f}" for dtype, rate in roofline["matmul_gflops_per_second"].items()
+                          if rate is not None)
+        print(f"  matmul rate of this process (GFLOP/s): {rates}", flush=True)
         for name, seconds in results["stages"].items():
-            print(f"  {name:<18} {1000 * seconds:9.1f} ms/sample", flush=True)
+            stage = roofline["stages"][name]
+            print(f"  {name:<18} {1000 * seconds:9.1f} ms/sample  {stage['gflop']:9.3f} GFLOP  "
+                  f"{100 * stage['fraction_of_fp32_matmul_rate']:6.1f} % of the fp32 matmul rate", flush=True)
         results["train_epoch_seconds_cached"] = epoch_seconds(extractor, model, train, Path(tmp) / "cache")
         results["train_epoch_seconds_uncached"] = epoch_seconds(extractor, model, train, None)
         results["n_train"] = len(train)

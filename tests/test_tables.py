@@ -107,3 +107,18 @@ def test_benchmark_writes_the_table4_keys(tmp_path: Path, model: str):
     assert set(results["stages"]) == {"load", "features", "modules + fusion", "normalisation", "total"}
     stages = results["stages"]  # the stages are consecutive clock readings: they add up to the total
     assert stages["total"] == pytest.approx(sum(v for k, v in stages.items() if k != "total"), rel=1e-6)
+    roofline = results["roofline"]
+    assert roofline["matmul_gflops_per_second"]["fp32"] > 0
+    assert set(roofline["stages"]) == set(stages)
+    assert roofline["stages"]["modules + fusion"]["gflop"] > 0 and roofline["stages"]["load"]["gflop"] == 0
+    total = roofline["stages"]["total"]["gflop"]
+    assert total == pytest.approx(sum(s["gflop"] for k, s in roofline["stages"].items() if k != "total"))
+
+
+def test_flop_count_of_a_matrix_product():
+    import torch
+
+    from benchmark import count_flops
+
+    result, flops = count_flops(torch.mm, torch.randn(64, 32), torch.randn(32, 16))
+    assert result.shape == (64, 16) and flops == 2 * 64 * 32 * 16
