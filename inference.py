@@ -5,7 +5,7 @@ inference").
         [--checkpoint_folder ...] [--epochs_no E] [--batch_size B] [--seed 115] [--eval_batch_size 1]
         [--modality rgbxyz|rgb|xyz] [--fusion full|case1..case6|rec_only|map_only]
         [--results_dir results] [--run_name NAME] [--save_maps] [--eval_resolution input|native]
-        [--preset paper|lite|tiny] [--random_init] [--cache_dir DIR] ...
+        [--preset paper|lite|tiny] [--random_init] [--cache_dir DIR] [--amp] ...
 
 The checkpoints are those of the run folder of (model, modality, seed) under ``--checkpoint_folder``;
 ``--epochs_no``/``--batch_size`` (the training run's) are needed only when that folder holds several runs of a
@@ -40,8 +40,8 @@ from utils.io import InputError, atomic_path, read_mask, write_text_atomic
 from utils.metrics import PER_DEFECT_KEY, class_metrics, image_auroc_per_defect
 from utils.mvtec3d import make_dataloader, resolve_class_names
 from utils.pipeline import (
-    DEFAULT_PRESET, RunConfig, add_run_arguments, model_identity, open_split, parse_run_args, prepare_run,
-    setup_logging, valid_mask,
+    DEFAULT_PRESET, RunConfig, add_run_arguments, autocast, model_identity, open_split, parse_run_args,
+    prepare_run, setup_logging, valid_mask,
 )
 from utils.results import metrics_markdown, write_results
 from utils.transforms import denormalize_rgb, to_native_resolution
@@ -69,7 +69,8 @@ def evaluate_class(class_name: str, config: RunConfig, cache: FeatureCache, fusi
         start = time.perf_counter()
         with torch.no_grad():
             f2d, f3d = cache.features(batch)
-            psi = model.anomaly_map(f2d, f3d, valid_mask(batch, f3d, extractor), fusion)
+            with autocast(device, config.amp):
+                psi = model.anomaly_map(f2d, f3d, valid_mask(batch, f3d, extractor), fusion).float()
             aupro_map, image_score, pixel_scores = normalize_scores(psi)
         if device.type == "cuda":
             torch.cuda.synchronize(device)

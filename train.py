@@ -4,7 +4,7 @@
         [--modality rgbxyz|rgb|xyz] [--epochs_no 50] [--batch_size 1]
         [--checkpoint_savepath checkpoints/CMDR_IAD_checkpoints] [--preset paper|lite|tiny]
         [--rgb_weights F] [--pointmae_weights F] [--random_init] [--cache_dir DIR] [--device auto|cpu|cuda]
-        [--seed 115] [--snapshot_minutes 10] [--resume]
+        [--seed 115] [--snapshot_minutes 10] [--amp] [--resume]
 
 Frozen features are computed once per sample and cached; an epoch then costs only the trainable modules. One
 loop serves every method: the method gives its named losses and its optimiser groups (CMDR-IAD: one Adam and
@@ -42,8 +42,8 @@ from utils.feature_cache import FeatureCache
 from utils.io import InputError
 from utils.mvtec3d import Batch, make_dataloader
 from utils.pipeline import (
-    RunConfig, add_run_arguments, open_split, parse_run_args, prepare_run, run_identity, seed_everything,
-    setup_logging, valid_mask,
+    RunConfig, add_run_arguments, autocast, open_split, parse_run_args, prepare_run, run_identity,
+    seed_everything, setup_logging, valid_mask,
 )
 
 logger = logging.getLogger("train")
@@ -52,11 +52,14 @@ INTERRUPTED_EXIT = 130  # the shell's exit status for Ctrl-C
 
 
 def optimisation_step(model: Detector, optimizers: dict[str, torch.optim.Optimizer], cache: FeatureCache,
-                      batch: Batch) -> dict[str, float | None]:
+                      batch: Batch, amp: bool = False) -> dict[str, float | None]:
     """One step of every optimiser group on ``batch``; returns each loss (None: its group's step was skipped
-    because one of the group's losses was not finite)."""
+    because one of the group's losses was not finite). ``amp``: the forward pass under bf16 autocast (the weights,
+    gradients and optimiser states stay fp32; bf16 has fp32's range, so no loss scaling)."""
     f2d, f3d = cache.features(batch)
-    losses = model.losses(f2d, f3d, valid_mask(batch, f3d, cache.extractor))
+    with autocast(cache.extractor.device, amp):
+        losses = {name: loss.float() for name, loss in
+                  model.losses(f2d, f3d, valid_mask(batch, f3d, cache.extractor)).items()}
     stepping = {name: group.losses or tuple(losses) for name, group in model.optimizer_groups().items()
                 if all(torch.isfinite(losses[loss]) for loss in (group.losses or losses))}
     driving = {loss for names in stepping.values() for loss in names}
@@ -217,7 +220,7 @@ def train_class(class_name: str, config: RunConfig, cache: FeatureCache, resume:
                 progress = tqdm(batches, desc=f"{class_name} epoch {epoch + 1}/{config.epochs_no}", unit="batch",
                                 leave=False, initial=position.step, total=len(loader))
                 for batch in progress:
-                    losses = optimisation_step(model, optimizers, cache, batch)
+                    losses = optimisation_step(model, optimizers, cache, batch, config.amp)
                     for name, loss in losses.items():
                         if loss is None:
                             skipped[name] += 1

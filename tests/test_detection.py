@@ -124,18 +124,41 @@ def test_every_method_has_lite_thresholds():
     assert set(LITE_RUNS) == set(DETECTORS), "measure the new method's lite run and add its thresholds"
 
 
+def lite_metrics(lite_data: tuple, name: str, *extra: str) -> dict:
+    """Train and evaluate ``name`` on the lite class (once per option set) and return the class's metrics."""
+    work, data = lite_data
+    run = "_".join([name, *(e.strip("-") for e in extra)])
+    result = work / "results" / run / "metrics.json"
+    if not result.is_file():
+        epochs, batch_size, _ = LITE_RUNS[name]
+        common = ["--dataset_path", str(data), "--model", name, "--preset", "lite", "--epochs_no", str(epochs),
+                  "--batch_size", str(batch_size), "--cache_dir", str(work / "cache"), "--device", "cpu", *extra]
+        checkpoints = str(work / "ckpt" / run)
+        assert train.main([*common, "--class_name", "dome", "--checkpoint_savepath", checkpoints]) == 0
+        assert inference.main([*common, "--class_names", "dome", "--checkpoint_folder", checkpoints,
+                               "--results_dir", str(work / "results"), "--run_name", run]) == 0
+    return json.loads(result.read_text())["classes"]["dome"]
+
+
 @pytest.mark.parametrize("name", sorted(DETECTORS))
 def test_lite_preset_detects_synthetic_defects_end_to_end_detect(lite_data: tuple, name: str):
-    work, data = lite_data
-    epochs, batch_size, (i_auroc, p_auroc, aupro, geometric) = LITE_RUNS[name]
-    common = ["--dataset_path", str(data), "--model", name, "--preset", "lite", "--epochs_no", str(epochs),
-              "--batch_size", str(batch_size), "--cache_dir", str(work / "cache"), "--device", "cpu"]
-    assert train.main([*common, "--class_name", "dome", "--checkpoint_savepath", str(work / "ckpt")]) == 0
-    assert inference.main([*common, "--class_names", "dome", "--checkpoint_folder", str(work / "ckpt"),
-                           "--results_dir", str(work / "results"), "--run_name", name]) == 0
-    metrics = json.loads((work / "results" / name / "metrics.json").read_text())["classes"]["dome"]
+    i_auroc, p_auroc, aupro, geometric = LITE_RUNS[name][2]
+    metrics = lite_metrics(lite_data, name)
     assert metrics["I-AUROC"] >= i_auroc
     assert metrics["P-AUROC"] >= p_auroc
     assert metrics["AUPRO@30%"] >= aupro
     per_defect = metrics["I-AUROC per defect type"]
     assert np.mean([per_defect[d] for d in ("bump", "crack", "dent")]) >= geometric
+
+
+def test_bf16_autocast_keeps_the_detection_metrics_detect(lite_data: tuple):
+    """--amp (bf16 autocast in training and inference) stays within 0.005 of fp32 (measured: I-AUROC 0.852 both,
+    P-AUROC 0.99138 against 0.99134, AUPRO@30% 0.96236 against 0.96222)."""
+    fp32, bf16 = lite_metrics(lite_data, "cmdr"), lite_metrics(lite_data, "cmdr", "--amp")
+    for key in ("I-AUROC", "P-AUROC", "AUPRO@30%"):
+        assert abs(bf16[key] - fp32[key]) <= 0.005, key
+    work, _ = lite_data
+    sidecars = {run: json.loads(next((work / "ckpt" / run / "dome").glob("*.json")).read_text())
+                for run in ("cmdr", "cmdr_amp")}
+    assert sidecars["cmdr_amp"]["amp"] and not sidecars["cmdr"]["amp"]
+    assert sidecars["cmdr_amp"]["final_losses"] != sidecars["cmdr"]["final_losses"], "bf16 really ran"

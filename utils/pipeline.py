@@ -54,6 +54,7 @@ class RunConfig:
     seed: int = DEFAULT_SEED
     num_workers: int = 0
     snapshot_minutes: float = SNAPSHOT_MINUTES
+    amp: bool = False  # bf16 autocast of the method's modules (training and inference)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> RunConfig:
@@ -141,6 +142,9 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, training: bool) -> Non
                              "layout), every other run in <root>/<model>_<modality>_seed<seed>/<class>/")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED,
                         help="training seed (inference: the seed of the run to load)")
+    parser.add_argument("--amp", action="store_true",
+                        help="bf16 autocast of the method's modules on CPU or CUDA (default: fp32); README 'Training "
+                             "and inference' has its measured effect on the metrics")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -179,6 +183,11 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise DeviceError("--device cuda requested but no CUDA device is available; use --device cpu")
     return torch.device(name)
+
+
+def autocast(device: torch.device, enabled: bool) -> torch.autocast:
+    """bf16 autocast on ``device`` when ``enabled`` (``--amp``); a no-op context otherwise."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def seed_everything(seed: int) -> None:
@@ -244,6 +253,7 @@ def run_identity(extractor: MultimodalFeatures, detector: Detector, config: RunC
         "epochs_no": config.epochs_no,
         "batch_size": config.batch_size,
         "optimizers": {name: group.settings() for name, group in detector.optimizer_groups().items()},
+        "amp": config.amp,
         "dataset_fingerprint": dataset_fingerprint(dataset),
     }
 
