@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -291,19 +292,20 @@ def test_unknown_class(synthetic_root: Path, tmp_path: Path, caplog: pytest.LogC
 # --- run identity: folders per method and seed, no run overwrites another ------------------------------------
 
 def test_methods_and_seeds_get_their_own_folders(synthetic_root: Path, trained: Path, tmp_path: Path):
-    (tmp_path / "ckpt").symlink_to(trained / "ckpt", target_is_directory=True)  # beside the finished cmdr run
-    before = sidecar_path(trained / "ckpt", "dome", EPOCHS, 1).read_bytes()
+    shutil.copytree(trained / "ckpt", tmp_path / "ckpt")  # beside a finished cmdr run
+    ckpt = tmp_path / "ckpt"
+    before = sidecar_path(ckpt, "dome", EPOCHS, 1).read_bytes()
     assert run_train(synthetic_root, tmp_path, "--model", "cfm") == 0
     assert run_train(synthetic_root, tmp_path, "--seed", "7") == 0
-    cfm = run_folder(trained / "ckpt", "cfm", "rgbxyz", 115) / "dome"
+    cfm = run_folder(ckpt, "cfm", "rgbxyz", 115) / "dome"
     assert sorted(p.name.split("_")[0] for p in cfm.glob("*.pth")) == ["map2Dto3D", "map3Dto2D"]
     sidecar = json.loads(sidecar_path(cfm.parent, "dome", EPOCHS, 1).read_text())
     assert sidecar["model"] == "cfm" and sidecar["optimizers"] == {
         "cfm": {"name": "Adam", "lr": 1e-3, "betas": [0.9, 0.999], "weight_decay": 0.0}}
     assert len(sidecar["dataset_fingerprint"]) == 16
-    seed7 = json.loads(sidecar_path(trained / "ckpt" / "cmdr_rgbxyz_seed7", "dome", EPOCHS, 1).read_text())
+    seed7 = json.loads(sidecar_path(ckpt / "cmdr_rgbxyz_seed7", "dome", EPOCHS, 1).read_text())
     assert seed7["seed"] == 7
-    assert sidecar_path(trained / "ckpt", "dome", EPOCHS, 1).read_bytes() == before, "cmdr seed 115 untouched"
+    assert sidecar_path(ckpt, "dome", EPOCHS, 1).read_bytes() == before, "cmdr seed 115 untouched"
     assert run_inference(synthetic_root, tmp_path, "--model", "cfm") == 0
     document = json.loads((tmp_path / "results" / "run" / "metrics.json").read_text())
     assert document["config"]["model"] == "cfm"
@@ -328,7 +330,7 @@ def test_changed_training_data_is_another_run(synthetic_root: Path, trained: Pat
             (data / path.name).write_bytes(path.read_bytes())
     for split in ("train", "test"):
         (data / "dome" / split).symlink_to(synthetic_root / "dome" / split, target_is_directory=True)
-    (tmp_path / "ckpt").symlink_to(trained / "ckpt", target_is_directory=True)
+    shutil.copytree(trained / "ckpt", tmp_path / "ckpt")  # the shared run stays as it is for the other tests
     assert run_train(data, tmp_path, "--resume") == 0, "the same data under another path: the same run"
     train_good = data / "dome" / "train"
     train_good.unlink()
@@ -356,7 +358,7 @@ def test_authors_files_without_sidecar_are_not_overwritten(synthetic_root: Path,
 
 def test_inference_finds_the_run_or_lists_the_choices(synthetic_root: Path, trained: Path, tmp_path: Path,
                                                       caplog: pytest.LogCaptureFixture):
-    (tmp_path / "ckpt").symlink_to(trained / "ckpt", target_is_directory=True)
+    shutil.copytree(trained / "ckpt", tmp_path / "ckpt")  # the shared run stays as it is for the other tests
     found = inference.main(["--dataset_path", str(synthetic_root), "--class_names", "dome", "--preset", "tiny",
                             "--random_init", "--device", "cpu", "--checkpoint_folder", str(tmp_path / "ckpt"),
                             "--results_dir", str(tmp_path / "results"), "--cache_dir", str(tmp_path / "cache"),
