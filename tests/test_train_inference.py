@@ -118,25 +118,33 @@ def assert_resumes_to_the_uninterrupted_weights(data: Path, trained: Path, work:
             assert torch.equal(resumed[name][key], reference[name][key]), f"{name}.{key}"
 
 
-def _interrupt_at(monkeypatch: pytest.MonkeyPatch, call: int, error: BaseException) -> None:
-    """CMDRIAD.losses raises ``error`` at its ``call``-th call (before that step changes anything)."""
+def _at_call(monkeypatch: pytest.MonkeyPatch, call: int, action) -> None:
+    """CMDRIAD.losses runs ``action()`` at its ``call``-th call, before that step computes or changes anything."""
     original = CMDRIAD.losses
     calls = {"n": 0}
 
-    def interrupted(self, *args, **kwargs):
+    def patched(self, *args, **kwargs):
         calls["n"] += 1
         if calls["n"] == call:
-            raise error
+            action()
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(CMDRIAD, "losses", interrupted)
+    monkeypatch.setattr(CMDRIAD, "losses", patched)
+
+
+def _raise(error: BaseException):
+    raise error
+
+
+def _ctrl_c() -> None:
+    os.kill(os.getpid(), signal.SIGINT)
 
 
 def test_ctrl_c_mid_epoch_saves_and_resumes_exactly(synthetic_root: Path, trained: Path, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch,
                                                      caplog: pytest.LogCaptureFixture):
     steps_per_epoch = 4  # n_train of the test dataset, batch size 1
-    _interrupt_at(monkeypatch, steps_per_epoch + 2, KeyboardInterrupt())  # Ctrl-C in the 2nd step of epoch 2
+    _at_call(monkeypatch, steps_per_epoch + 2, lambda: _raise(KeyboardInterrupt()))  # in the 2nd step of epoch 2
     with caplog.at_level(logging.WARNING):
         assert run_train(synthetic_root, tmp_path) == train.INTERRUPTED_EXIT
     state = torch.load(resume_path(tmp_path / "ckpt", "dome", EPOCHS, 1), weights_only=True)
@@ -152,16 +160,7 @@ def test_ctrl_c_mid_epoch_saves_and_resumes_exactly(synthetic_root: Path, traine
 def test_a_real_ctrl_c_finishes_the_step_first(synthetic_root: Path, trained: Path, tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch):
     """SIGINT during a step: the step completes, then the state is saved and training stops."""
-    original = CMDRIAD.losses
-    calls = {"n": 0}
-
-    def signalled(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 6:
-            os.kill(os.getpid(), signal.SIGINT)  # arrives while the 2nd step of epoch 2 runs
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(CMDRIAD, "losses", signalled)
+    _at_call(monkeypatch, 6, _ctrl_c)  # arrives while the 2nd step of epoch 2 runs
     assert run_train(synthetic_root, tmp_path) == train.INTERRUPTED_EXIT
     state = torch.load(resume_path(tmp_path / "ckpt", "dome", EPOCHS, 1), weights_only=True)
     assert (state["epoch"], state["step"]) == (1, 2), "the interrupted step was finished"
@@ -172,17 +171,7 @@ def test_a_real_ctrl_c_finishes_the_step_first(synthetic_root: Path, trained: Pa
 def test_a_second_ctrl_c_stops_at_once_without_saving_a_half_step(synthetic_root: Path, trained: Path,
                                                                    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                    caplog: pytest.LogCaptureFixture):
-    original = CMDRIAD.losses
-    calls = {"n": 0}
-
-    def signalled_twice(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 6:
-            os.kill(os.getpid(), signal.SIGINT)
-            os.kill(os.getpid(), signal.SIGINT)  # the second one interrupts this very step
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(CMDRIAD, "losses", signalled_twice)
+    _at_call(monkeypatch, 6, lambda: (_ctrl_c(), _ctrl_c()))  # the second one interrupts this very step
     with caplog.at_level(logging.WARNING):
         assert run_train(synthetic_root, tmp_path) == train.INTERRUPTED_EXIT
     assert "stopped at once; the last saved state" in caplog.text
@@ -196,7 +185,7 @@ def test_timed_snapshots_survive_a_crash(synthetic_root: Path, trained: Path, tm
                                          monkeypatch: pytest.MonkeyPatch):
     """--snapshot_minutes 0 saves after every step: a process killed mid-epoch (here: an error that is not
     Ctrl-C, so nothing is saved at the end) resumes from its last step to the same weights."""
-    _interrupt_at(monkeypatch, 3, RuntimeError("killed"))
+    _at_call(monkeypatch, 3, lambda: _raise(RuntimeError("killed")))
     with pytest.raises(RuntimeError, match="killed"):
         run_train(synthetic_root, tmp_path, "--snapshot_minutes", "0")
     state = torch.load(resume_path(tmp_path / "ckpt", "dome", EPOCHS, 1), weights_only=True)
