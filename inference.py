@@ -31,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 from networks.detectors import detector_class
-from networks.fusion import FUSION_VARIANTS, normalize_scores
+from networks.fusion import FUSION_VARIANTS
 from utils.checkpoints import (
     CheckpointError, adopt_recorded_settings, load_modules, read_sidecar, select_run, sidecar_path, versions,
 )
@@ -70,8 +70,9 @@ def evaluate_class(class_name: str, config: RunConfig, cache: FeatureCache, fusi
         with torch.no_grad():
             f2d, f3d = cache.features(batch)
             with autocast(device, config.amp):
-                psi = model.anomaly_map(f2d, f3d, valid_mask(batch, f3d, extractor), fusion).float()
-            aupro_map, image_score, pixel_scores = normalize_scores(psi)
+                prediction = model.predict(f2d, f3d, valid_mask(batch, f3d, extractor), fusion)
+            aupro_map, image_score, pixel_scores = (prediction.maps.float(), prediction.image_scores.float(),
+                                                    prediction.pixel_scores.float())
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         elapsed = (time.perf_counter() - start) / len(batch)

@@ -34,13 +34,14 @@ from tqdm import tqdm
 
 from networks.detector import Detector
 from networks.detectors import build_detector
+from networks.memory_bank import MemoryBankDetector
 from utils.checkpoints import (
     CheckpointError, check_compatible, load_resume_state, module_path, read_sidecar, resume_path, save_modules,
     save_resume_state, sidecar_path, versions,
 )
 from utils.feature_cache import FeatureCache
 from utils.io import InputError
-from utils.mvtec3d import Batch, make_dataloader
+from utils.mvtec3d import Batch, MVTec3DDataset, make_dataloader
 from utils.pipeline import (
     RunConfig, add_run_arguments, autocast, open_split, parse_run_args, prepare_run, run_identity,
     seed_everything, setup_logging, valid_mask,
@@ -156,8 +157,8 @@ def claim_run_folder(args: tuple, identity: dict, modules: list[str]) -> bool:
 
 def train_class(class_name: str, config: RunConfig, cache: FeatureCache, resume: bool = False
                 ) -> dict[str, float] | None:
-    """Train the method on one class and write its checkpoints; returns the last epoch's mean losses (None:
-    ``resume`` found the identical run finished)."""
+    """Train (or, for a memory-bank method, fit) the method on one class and write its checkpoints; returns the
+    last epoch's mean losses or the fit's statistics (None: ``resume`` found the identical run finished)."""
     extractor = cache.extractor
     dataset = open_split(extractor, config.dataset_path, class_name, "train", config.modality)
     with torch.device("meta"):  # the method's structure for its identity: no memory, no random numbers drawn
@@ -171,6 +172,52 @@ def train_class(class_name: str, config: RunConfig, cache: FeatureCache, resume:
     cache.precompute(dataset, config.batch_size)  # features once, before the epochs
     seed_everything(config.seed)
     model = config.build_detector(extractor).train()
+    if isinstance(model, MemoryBankDetector):
+        outcome = {"fit": fit_memory_bank(model, class_name, config, cache, dataset)}
+    else:
+        outcome = {"final_losses": train_epochs(model, class_name, config, cache, dataset, identity, resume)}
+
+    sidecar = {
+        **identity,
+        "class_name": class_name,
+        "preset": config.preset,
+        "extractor": extractor.metadata,
+        "n_train": len(dataset),
+        **outcome,
+        "dataset_path": str(config.dataset_path),
+        "versions": versions(),
+    }
+    save_modules(model.trainable(), *args, sidecar=sidecar)
+    resume_path(*args).unlink(missing_ok=True)
+    logger.info("%s: checkpoints written to %s", class_name, config.run_dir / class_name)
+    return next(iter(outcome.values()))
+
+
+def fit_memory_bank(model: MemoryBankDetector, class_name: str, config: RunConfig, cache: FeatureCache,
+                    dataset: MVTec3DDataset) -> dict[str, float]:
+    """Fit a memory-bank method in one pass over the training split (no epochs, no optimiser); returns its
+    statistics (bank sizes), which go to the sidecar."""
+    loader = make_dataloader(dataset, config.batch_size, shuffle=False, num_workers=config.num_workers)
+
+    def batches():
+        for batch in tqdm(loader, desc=f"{class_name} fit", unit="batch", leave=False):
+            f2d, f3d = cache.features(batch)
+            yield f2d, f3d, valid_mask(batch, f3d, cache.extractor)
+
+    with torch.no_grad():
+        statistics = model.fit(batches())
+    logger.info("%s fitted: %s", class_name, ", ".join(f"{k} {v:.4g}" for k, v in statistics.items()))
+    return statistics
+
+
+def train_epochs(model: Detector, class_name: str, config: RunConfig, cache: FeatureCache, dataset: MVTec3DDataset,
+                 identity: dict, resume: bool) -> dict[str, float]:
+    """The epochs of a gradient-trained method, resumable; returns the last epoch's mean losses.
+
+    Raises:
+        TrainingInterrupted: Ctrl-C, after the state was saved.
+    """
+    args = (config.run_dir, class_name, config.epochs_no, config.batch_size)
     optimizers = make_optimizers(model)
     loader = make_dataloader(dataset, config.batch_size, shuffle=True, seed=config.seed,
                              num_workers=config.num_workers)
@@ -251,19 +298,6 @@ def train_class(class_name: str, config: RunConfig, cache: FeatureCache, resume:
                 snapshot(position, rng)  # the state after the last finished step
             raise TrainingInterrupted(class_name, state_path, position, saved=not interrupt.forced) from None
 
-    sidecar = {
-        **identity,
-        "class_name": class_name,
-        "preset": config.preset,
-        "extractor": extractor.metadata,
-        "n_train": len(dataset),
-        "final_losses": epoch_losses,
-        "dataset_path": str(config.dataset_path),
-        "versions": versions(),
-    }
-    save_modules(model.trainable(), *args, sidecar=sidecar)
-    state_path.unlink(missing_ok=True)
-    logger.info("%s: checkpoints written to %s", class_name, config.run_dir / class_name)
     return epoch_losses
 
 

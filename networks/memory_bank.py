@@ -1,0 +1,197 @@
+"""Memory-bank methods (PatchCore's recipe, as BTF and Shape-Guided use it): fitted in one pass, not trained.
+
+:class:`MemoryBankDetector` is the base of such methods in the harness: ``train.py`` calls :meth:`fit` once with
+every training sample's features instead of running epochs of gradient steps, and the banks are data-sized
+buffers of :class:`MemoryBank` modules, saved and loaded like any module's weights. The pieces are plain
+functions, each checked in the tests against a brute-force computation:
+
+* :func:`greedy_coreset` — greedy k-center selection on a sparse random projection (PatchCore; BTF's
+  ``get_coreset_idx_randomp``), starting from index 0;
+* :func:`nearest_neighbours` — exact k-nearest-neighbour search, in chunks of the bank to bound memory;
+* :func:`reweighted_image_score` — PatchCore's re-weighting of the largest patch distance;
+* :func:`gaussian_blur` — the σ = 4 blur of the maps (exact float), and :func:`pil_blur_8bit`, the references'
+  blur through an 8-bit PIL image (an option: it rounds the map to 256 levels and creates ties).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.random_projection import SparseRandomProjection
+from torch import nn
+from tqdm import tqdm
+
+from networks.detector import Detector, OptimizerGroup
+
+logger = logging.getLogger(__name__)
+
+PROJECTION_EPS = 0.9  # PatchCore's Johnson-Lindenstrauss eps for the coreset's random projection
+PROJECTION_SEED = 0  # the reference leaves the projection unseeded; fixed here so that runs repeat
+NEIGHBOUR_CHUNK = 16384  # bank rows per distance block: bounds the block at queries × chunk floats
+BLUR_SIGMA = 4.0
+BLUR_TRUNCATE = 4.0  # kernel radius = truncate × σ, as scipy.ndimage.gaussian_filter
+
+
+class MemoryBank(nn.Module):
+    """A data-sized bank of feature vectors (N, D), a buffer: saved in the module's checkpoint file and resized
+    to the stored shape when loaded (:meth:`resize_like`)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.register_buffer("features", torch.zeros(0, dim))
+
+    def __len__(self) -> int:
+        return self.features.shape[0]
+
+    def fill(self, features: torch.Tensor) -> None:
+        if features.ndim != 2 or features.shape[1] != self.features.shape[1]:
+            raise ValueError(f"bank features must be (N, {self.features.shape[1]}), got {tuple(features.shape)}")
+        self.features = features.to(self.features.device, torch.float32).contiguous()
+
+    def resize_like(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Give the buffers the row counts stored in ``state`` (widths must match: they are checked on load)."""
+        stored = state.get("features")
+        if stored is not None and stored.ndim == 2 and stored.shape[1] == self.features.shape[1]:
+            self.features = self.features.new_zeros(stored.shape)
+
+
+def random_projection(features: torch.Tensor, eps: float = PROJECTION_EPS, seed: int = PROJECTION_SEED
+                      ) -> torch.Tensor:
+    """scikit-learn's SparseRandomProjection (n_components from the Johnson-Lindenstrauss bound for ``eps``) of
+    (N, D) features; the features themselves when that bound exceeds D (as the reference falls back)."""
+    try:
+        projector = SparseRandomProjection(eps=eps, random_state=seed)
+        return torch.from_numpy(projector.fit_transform(features.cpu().numpy())).float()
+    except ValueError:
+        logger.info("coreset: the projection for eps %.2f would not reduce %d dimensions; using the features",
+                    eps, features.shape[1])
+        return features.float().cpu()
+
+
+def greedy_coreset(features: torch.Tensor, fraction: float, eps: float = PROJECTION_EPS,
+                   seed: int = PROJECTION_SEED, progress: bool = True) -> torch.Tensor:
+    """Indices of a greedy k-center coreset of ``int(fraction · N)`` rows (at least 1) of (N, D) ``features``.
+
+    Start at index 0; repeatedly add the row farthest (Euclidean, in the random projection) from the rows chosen
+    so far. ``fraction`` ≥ 1 keeps every row.
+
+    Returns:
+        (n,) int64 indices in selection order.
+    """
+    count = len(features)
+    n = max(1, int(fraction * count))
+    if n >= count:
+        return torch.arange(count)
+    projected = random_projection(features, eps, seed)
+    selected = torch.empty(n, dtype=torch.long)
+    selected[0] = 0
+    min_distances = torch.linalg.vector_norm(projected - projected[0], dim=1)
+    for i in tqdm(range(1, n), desc="coreset", unit="row", leave=False, disable=not progress):
+        index = int(torch.argmax(min_distances))
+        selected[i] = index
+        min_distances = torch.minimum(min_distances, torch.linalg.vector_norm(projected - projected[index], dim=1))
+    return selected
+
+
+def nearest_neighbours(queries: torch.Tensor, bank: torch.Tensor, k: int = 1, chunk: int = NEIGHBOUR_CHUNK
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` nearest bank rows of every query (Euclidean), ascending.
+
+    Args:
+        queries: (Q, D). bank: (N, D), N ≥ k.
+
+    Returns:
+        distances (Q, k) and bank indices (Q, k).
+    """
+    best_distances, best_indices = None, None
+    for start in range(0, len(bank), chunk):
+        distances = torch.cdist(queries, bank[start : start + chunk])
+        values, indices = torch.topk(distances, min(k, distances.shape[1]), dim=1, largest=False)
+        indices = indices + start
+        if best_distances is not None:
+            values, order = torch.topk(torch.cat([best_distances, values], 1), k, dim=1, largest=False)
+            indices = torch.gather(torch.cat([best_indices, indices], 1), 1, order)
+        best_distances, best_indices = values, indices
+    return best_distances, best_indices
+
+
+def reweighted_image_score(patches: torch.Tensor, patch_distances: torch.Tensor, nearest: torch.Tensor,
+                           bank: torch.Tensor, neighbours: int = 3) -> torch.Tensor:
+    """PatchCore's image score w · s* of one image.
+
+    s* = the largest patch distance, m_test its patch, m* = its nearest bank row; N_b = the ``neighbours``
+    nearest bank rows of m*, the first (m* itself) dropped; w = 1 − exp(s*/√D) / Σ_{b∈N_b} exp(‖m_test − b‖/√D).
+
+    Args:
+        patches: (P, D) the image's patch features. patch_distances: (P,) distance to the nearest bank row.
+        nearest: (P,) that row's index. bank: (N, D).
+    """
+    worst = torch.argmax(patch_distances)
+    s_star = patch_distances[worst]
+    m_test = patches[worst]
+    _, around = nearest_neighbours(bank[nearest[worst]][None], bank, k=min(neighbours, len(bank)))
+    others = bank[around[0, 1:]] if len(bank) > 1 else bank
+    scale = math.sqrt(patches.shape[1])
+    knn_distances = torch.linalg.vector_norm(m_test - others, dim=1)
+    weight = 1 - torch.exp(s_star / scale) / torch.exp(knn_distances / scale).sum()
+    return weight * s_star
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float = BLUR_SIGMA, truncate: float = BLUR_TRUNCATE) -> torch.Tensor:
+    """Separable Gaussian blur of (B, H, W) maps: kernel radius round(truncate · σ), edges extended (replicate).
+
+    The float counterpart of the references' PIL blur (which also extends the edges).
+    """
+    radius = int(truncate * sigma + 0.5)
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    kernel = (kernel / kernel.sum()).to(maps.dtype).to(maps.device)
+    x = F.pad(maps[:, None], (radius, radius, radius, radius), mode="replicate")
+    x = F.conv2d(x, kernel.view(1, 1, 1, -1))
+    x = F.conv2d(x, kernel.view(1, 1, -1, 1))
+    return x[:, 0]
+
+
+def pil_blur_8bit(maps: torch.Tensor, radius: float = BLUR_SIGMA) -> torch.Tensor:
+    """The references' blur: each map divided by its maximum, cut to 8 bits (``ToPILImage``: ×255, truncated),
+    PIL ``GaussianBlur(radius)``, back to [0, 1] (÷255) and multiplied by the maximum. (B, H, W) → (B, H, W)."""
+    from PIL import Image, ImageFilter
+
+    blurred = []
+    for heat in maps.detach().cpu().float():
+        peak = float(heat.max())
+        if peak <= 0:
+            blurred.append(torch.zeros_like(heat))
+            continue
+        image = Image.fromarray((heat / peak * 255).to(torch.uint8).numpy(), mode="L")
+        filtered = np.asarray(image.filter(ImageFilter.GaussianBlur(radius=radius)), dtype=np.float32)
+        blurred.append(torch.from_numpy(filtered / 255.0) * peak)
+    return torch.stack(blurred).to(maps.device)
+
+
+class MemoryBankDetector(Detector):
+    """Base of the memory-bank methods: :meth:`fit` once on the training features; no losses, no optimisers.
+
+    The trainable modules (:meth:`trainable`) are :class:`MemoryBank` buffers (and, for Shape-Guided, a trained
+    3D expert); they are written to checkpoints like the gradient-trained methods' weights.
+    """
+
+    def fit(self, batches: Iterable[tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]]
+            ) -> dict[str, float]:
+        """Build the banks from the training set: ``batches`` yields (F2D, F3D, mask) like :meth:`losses` takes.
+
+        Returns:
+            numbers worth recording in the run's sidecar (bank sizes, ...).
+        """
+        raise NotImplementedError
+
+    def optimizer_groups(self) -> dict[str, OptimizerGroup]:
+        return {}
+
+    def losses(self, f2d, f3d, mask):  # noqa: ANN001, D102 - fitted, not trained
+        raise TypeError(f"{self.name} is a memory-bank method: it is fitted (fit), not trained with losses")
