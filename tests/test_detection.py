@@ -83,7 +83,6 @@ def test_fused_map_ranks_oracle_defect_pixels_first_detect(name: str):
     good = oracle_features(rng, mixing, 4)
     bad = oracle_features(rng, mixing, 4, defect=True)
     with torch.no_grad():
-        psi_good = model.anomaly_map(*good[:3])
         psi_bad = model.anomaly_map(*bad[:3])
     # pixels: defect pixels (at the fused 64² resolution) against the other valid pixels of the same images
     size = ORACLE_CONFIG.img_size
