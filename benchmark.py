@@ -1,16 +1,17 @@
 """Speed and memory of a detection method as CMDR-IAD's Table 4 measures them, and the cost of a training epoch.
 
-    python benchmark.py --preset paper|lite|tiny [--model cmdr|cfm|mafr] [--model_option K=V] [--random_init]
+    python benchmark.py --preset paper|lite|tiny [--model cmdr|cfm|mafr|btf] [--model_option K=V] [--random_init]
         [--device cpu|cuda] [--out FILE] [--dataset_path D --class_name C] [--rgb_weights F] [--pointmae_weights F]
 
 * ``fps``: inference as the paper measures it — the whole pipeline from loading a test sample to its scores
-  (read and transform the files, both frozen extractors without cache, the method's modules and fusion (CMDR-IAD:
-  the four modules), normalisation),
+  (read and transform the files, both frozen extractors without cache, the ``method`` stage: its modules and
+  fusion (CMDR-IAD: the four modules) or its memory-bank search, and the image score and map normalisation),
   one sample at a time, CUDA synchronised before every clock reading, averaged over the test set after one
   warm-up sample.
 * ``peak_memory_mb``: CUDA — the allocator's peak during inference; CPU — the process's peak resident memory.
 * ``train_epoch_seconds_cached`` / ``_uncached``: one training epoch (batch size 1) reading features from the cache /
-  computing them at every step.
+  computing them at every step. Memory-bank methods (btf) instead report ``fit_seconds`` (features cached
+  beforehand) and ``bank_megabytes``, the size of their memory banks.
 * ``stages``: mean seconds per sample of each inference stage.
 * ``roofline``: this process's own dense matmul rate (fp32, and bf16 where the device runs it), measured in the same
   run, and per stage its FLOP count (torch's FLOP counter on the warm-up sample: convolutions and matrix products;
@@ -19,7 +20,8 @@
 
 Without ``--dataset_path`` a small synthetic class (8 train, 8 test samples of 400×400) is generated in a temporary
 folder. The numbers are printed and, with ``--out``, written as JSON. Module weights are random (untrained): speed
-does not depend on them.
+does not depend on them; memory banks are fitted on the training split first (their search time depends on
+their size).
 """
 
 from __future__ import annotations
@@ -37,9 +39,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from networks.detector import Detector
-from networks.detectors import build_detector, parse_model_options
+from networks.detectors import build_detector, extractor_config, parse_model_options
 from networks.features import PRESETS, MultimodalFeatures
-from networks.fusion import normalize_scores
+from networks.memory_bank import MemoryBankDetector
 from train import make_optimizers, optimisation_step
 from utils.feature_cache import FeatureCache
 from utils.io import write_text_atomic
@@ -98,9 +100,7 @@ def inference_speed(extractor: MultimodalFeatures, model: Detector, dataset: MVT
             with torch.no_grad():
                 (f2d, f3d), flops["features"] = count_flops(extractor.get_features_maps, batch.rgb.to(device),
                                                             batch.xyz.to(device))
-                psi, flops["modules + fusion"] = count_flops(model.anomaly_map, f2d, f3d,
-                                                             valid_mask(batch, f3d, extractor))
-                _, flops["normalisation"] = count_flops(normalize_scores, psi)
+                _, flops["method"] = count_flops(model.predict, f2d, f3d, valid_mask(batch, f3d, extractor))
             flops["load"] = 0
             flops["total"] = sum(flops.values())
             continue
@@ -110,13 +110,10 @@ def inference_speed(extractor: MultimodalFeatures, model: Detector, dataset: MVT
         with torch.no_grad():
             f2d, f3d = extractor.get_features_maps(batch.rgb.to(device), batch.xyz.to(device))
             extracted = _clock(device)
-            psi = model.anomaly_map(f2d, f3d, valid_mask(batch, f3d, extractor))
-            scored = _clock(device)
-            normalize_scores(psi)
+            model.predict(f2d, f3d, valid_mask(batch, f3d, extractor))
         done = _clock(device)
         for name, seconds in (("load", loaded - start), ("features", extracted - loaded),
-                              ("modules + fusion", scored - extracted), ("normalisation", done - scored),
-                              ("total", done - start)):
+                              ("method", done - extracted), ("total", done - start)):
             stages[name].append(seconds)
     means = {name: sum(values) / len(values) for name, values in stages.items()}
     if device.type == "cuda":
@@ -131,6 +128,22 @@ def inference_speed(extractor: MultimodalFeatures, model: Detector, dataset: MVT
                    for name, seconds in means.items()},
     }
     return {"fps": 1.0 / means["total"], "peak_memory_mb": peak, "stages": means, "roofline": roofline}
+
+
+def fit_seconds(extractor: MultimodalFeatures, model: MemoryBankDetector, dataset: MVTec3DDataset,
+                cache_dir: Path) -> dict[str, float]:
+    """Seconds of fitting a memory-bank method on ``dataset`` (features cached beforehand) and its statistics."""
+    cache = FeatureCache(extractor, cache_dir)
+    cache.precompute(dataset)
+    def batches():
+        for batch in make_dataloader(dataset, 1):
+            f2d, f3d = cache.features(batch)
+            yield f2d, f3d, valid_mask(batch, f3d, extractor)
+
+    start = _clock(extractor.device)
+    with torch.no_grad():
+        statistics = model.fit(batches())
+    return {"fit_seconds": _clock(extractor.device) - start, **statistics}
 
 
 def epoch_seconds(extractor: MultimodalFeatures, model: Detector, dataset: MVTec3DDataset, cache_dir: Path | None
@@ -165,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(err))
     seed_everything(DEFAULT_SEED)
     device = resolve_device(args.device)
-    extractor = MultimodalFeatures(args.preset, random_init=args.random_init, rgb_weights=args.rgb_weights,
+    extractor = MultimodalFeatures(extractor_config(args.preset, args.model), random_init=args.random_init, rgb_weights=args.rgb_weights,
                                    pointmae_weights=args.pointmae_weights, device=device)
     model = build_detector(args.model, extractor.config, **options).to(device).eval()
     with tempfile.TemporaryDirectory() as tmp:
@@ -176,11 +189,13 @@ def main(argv: list[str] | None = None) -> int:
             root, class_name = generate_dataset(Path(tmp) / "data", config), "dome"
         test = open_split(extractor, root, class_name, "test", "rgbxyz")
         train = open_split(extractor, root, class_name, "train", "rgbxyz")
+        fitted = fit_seconds(extractor, model, train, Path(tmp) / "cache") \
+            if isinstance(model, MemoryBankDetector) else {}
         results = {
             "model": args.model, "preset": args.preset, "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "dataset": str(args.dataset_path or "synthetic"), "class_name": class_name, "n_test": len(test),
-            **inference_speed(extractor, model, test),
+            **inference_speed(extractor, model, test), **fitted,
         }
         print(f"{args.model}, preset {args.preset} on {results['device_name']}: {results['fps']:.2f} FPS, "
               f"peak memory {results['peak_memory_mb']:.0f} MB", flush=True)
@@ -192,11 +207,15 @@ def main(argv: list[str] | None = None) -> int:
             stage = roofline["stages"][name]
             print(f"  {name:<18} {1000 * seconds:9.1f} ms/sample  {stage['gflop']:9.3f} GFLOP  "
                   f"{100 * stage['fraction_of_fp32_matmul_rate']:6.1f} % of the fp32 matmul rate", flush=True)
-        results["train_epoch_seconds_cached"] = epoch_seconds(extractor, model, train, Path(tmp) / "cache")
-        results["train_epoch_seconds_uncached"] = epoch_seconds(extractor, model, train, None)
         results["n_train"] = len(train)
-    print(f"  training epoch ({results['n_train']} samples): {results['train_epoch_seconds_cached']:.2f} s cached, "
-          f"{results['train_epoch_seconds_uncached']:.2f} s uncached")
+        if fitted:
+            print(f"  fit ({results['n_train']} samples, features cached): {fitted['fit_seconds']:.2f} s; memory "
+                  f"bank {fitted['bank_size']} × {model.bank.features.shape[1]}, {fitted['bank_megabytes']:.1f} MB")
+        else:
+            results["train_epoch_seconds_cached"] = epoch_seconds(extractor, model, train, Path(tmp) / "cache")
+            results["train_epoch_seconds_uncached"] = epoch_seconds(extractor, model, train, None)
+            print(f"  training epoch ({results['n_train']} samples): {results['train_epoch_seconds_cached']:.2f} s "
+                  f"cached, {results['train_epoch_seconds_uncached']:.2f} s uncached")
     if args.out:
         write_text_atomic(args.out, json.dumps(results, indent=2) + "\n")
     return 0
