@@ -178,8 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(err))
     seed_everything(DEFAULT_SEED)
     device = resolve_device(args.device)
-    extractor = MultimodalFeatures(extractor_config(args.preset, args.model), random_init=args.random_init, rgb_weights=args.rgb_weights,
-                                   pointmae_weights=args.pointmae_weights, device=device)
+    extractor = MultimodalFeatures(extractor_config(args.preset, args.model), random_init=args.random_init,
+                                   rgb_weights=args.rgb_weights, pointmae_weights=args.pointmae_weights, device=device)
     model = build_detector(args.model, extractor.config, **options).to(device).eval()
     with tempfile.TemporaryDirectory() as tmp:
         root, class_name = args.dataset_path, args.class_name
