@@ -1,7 +1,7 @@
 """Evaluate trained checkpoints of a detection method on the test split, one class at a time (README "Training and
 inference").
 
-    python inference.py --dataset_path D --class_names C [C ...|all] [--model cmdr|cfm|mafr] [--model_option K=V]
+    python inference.py --dataset_path D --class_names C [C ...|all] [--model cmdr|cfm|mafr|btf] [--model_option K=V]
         [--checkpoint_folder ...] [--epochs_no E] [--batch_size B] [--seed 115] [--eval_batch_size 1]
         [--modality rgbxyz|rgb|xyz] [--fusion full|case1..case6|rec_only|map_only]
         [--results_dir results] [--run_name NAME] [--save_maps] [--eval_resolution input|native]

@@ -142,6 +142,62 @@ def reweighted_image_score(patches: torch.Tensor, patch_distances: torch.Tensor,
     return weight * s_star
 
 
+def orthogonal_matching_pursuit(signals: torch.Tensor, dictionaries: torch.Tensor, n_nonzero: int) -> torch.Tensor:
+    """Sparse codes of each signal over its own dictionary by orthogonal matching pursuit (float64), as
+    scikit-learn's ``sparse_encode(algorithm="omp", n_nonzero_coefs=n)`` computes them (``orthogonal_mp_gram``).
+
+    Per step: the atom with the largest |correlation| with the residual joins the support, then the coefficients
+    are the least-squares fit on the support. A signal stops early when that atom is already in the support, its
+    correlation is ~0, or it is linearly dependent on the support (Schur complement of the Gram matrix ≤ tiny).
+
+    Args:
+        signals: (B, D). dictionaries: (B, K, D), atoms in rows (not normalised, as the references pass them).
+        n_nonzero: the largest support.
+
+    Returns:
+        (B, K) float64 codes; ``codes[b] @ dictionaries[b]`` is the sparse reconstruction.
+    """
+    x, atoms = signals.double(), dictionaries.double()
+    batch, count, _ = atoms.shape
+    gram = atoms @ atoms.transpose(1, 2)  # (B, K, K)
+    correlation = (atoms @ x[..., None])[..., 0]  # (B, K)
+    rows = torch.arange(batch)
+    support = torch.zeros(batch, 0, dtype=torch.long)
+    coefficients = torch.zeros(batch, 0, dtype=torch.float64)
+    residual_correlation = correlation.clone()
+    running = torch.ones(batch, dtype=torch.bool)
+    tiny = torch.finfo(torch.float64).tiny
+    for _ in range(min(n_nonzero, count)):
+        candidate = residual_correlation.abs().argmax(dim=1)
+        repeated = (support == candidate[:, None]).any(dim=1)
+        vanishing = residual_correlation[rows, candidate] ** 2 < tiny
+        trial = torch.cat([support, candidate[:, None]], dim=1)
+        sub_gram = gram[rows[:, None, None], trial[:, :, None], trial[:, None, :]]
+        if support.shape[1]:  # Schur complement of the support's Gram block: the new atom's independent part
+            cross = sub_gram[:, :-1, -1:]
+            schur = sub_gram[:, -1, -1] - (cross.transpose(1, 2) @ torch.linalg.pinv(sub_gram[:, :-1, :-1])
+                                           @ cross)[:, 0, 0]
+        else:
+            schur = sub_gram[:, 0, 0]
+        running = running & ~repeated & ~vanishing & (schur > tiny)
+        if not running.any():
+            break
+        # stopped signals keep their support: repeat its last atom with a zero coefficient slot
+        trial = torch.where(running[:, None], trial, torch.cat([support, support[:, -1:]], dim=1)
+                            if support.shape[1] else trial)
+        sub_gram = gram[rows[:, None, None], trial[:, :, None], trial[:, None, :]]
+        solved = torch.linalg.lstsq(sub_gram, correlation.gather(1, trial)[..., None]).solution[..., 0]
+        previous = torch.cat([coefficients, torch.zeros(batch, 1, dtype=torch.float64)], dim=1)
+        coefficients = torch.where(running[:, None], solved, previous)
+        support = trial
+        residual_correlation = correlation - (gram.gather(1, support[:, :, None].expand(-1, -1, count))
+                                              * coefficients[..., None]).sum(dim=1)
+    codes = torch.zeros(batch, count, dtype=torch.float64)
+    if support.shape[1]:
+        codes.scatter_add_(1, support, coefficients)
+    return codes
+
+
 def gaussian_blur(maps: torch.Tensor, sigma: float = BLUR_SIGMA, truncate: float = BLUR_TRUNCATE) -> torch.Tensor:
     """Separable Gaussian blur of (B, H, W) maps: kernel radius round(truncate · σ), edges extended (replicate).
 

@@ -1,6 +1,6 @@
 """Train and evaluate a set of classes for one configuration, resumably: one command per table row.
 
-    python scripts/reproduce.py --dataset_path D [--class_name all] [--model cmdr|cfm|mafr]
+    python scripts/reproduce.py --dataset_path D [--class_name all] [--model cmdr|cfm|mafr|btf]
         [--modality rgbxyz|rgb|xyz] [--fusion full|case1..case6|rec_only|map_only] [--seed 115] [--preset paper]
         [--results_dir results] [--run_name NAME] [--save_raw_maps] [train.py options ...]
 
