@@ -38,8 +38,8 @@ BLUR_TRUNCATE = 4.0  # kernel radius = truncate × σ, as scipy.ndimage.gaussian
 
 
 class MemoryBank(nn.Module):
-    """A data-sized bank of feature vectors (N, D), a buffer: saved in the module's checkpoint file and resized
-    to the stored shape when loaded (:meth:`resize_like`)."""
+    """Data-sized buffers — a bank of feature vectors ``features`` (N, D) and whatever a subclass adds: saved in
+    the module's checkpoint file, and given the stored number of rows when loaded (:meth:`resize_like`)."""
 
     def __init__(self, dim: int) -> None:
         super().__init__()
@@ -54,10 +54,12 @@ class MemoryBank(nn.Module):
         self.features = features.to(self.features.device, torch.float32).contiguous()
 
     def resize_like(self, state: Mapping[str, torch.Tensor]) -> None:
-        """Give the buffers the row counts stored in ``state`` (widths must match: they are checked on load)."""
-        stored = state.get("features")
-        if stored is not None and stored.ndim == 2 and stored.shape[1] == self.features.shape[1]:
-            self.features = self.features.new_zeros(stored.shape)
+        """Give every buffer the row count stored in ``state`` (the other dimensions must match: they are checked
+        when the state is loaded)."""
+        for name, buffer in self.named_buffers(recurse=False):
+            stored = state.get(name)
+            if stored is not None and stored.ndim == buffer.ndim and stored.shape[1:] == buffer.shape[1:]:
+                setattr(self, name, buffer.new_zeros(stored.shape))
 
 
 def random_projection(features: torch.Tensor, eps: float = PROJECTION_EPS, seed: int = PROJECTION_SEED

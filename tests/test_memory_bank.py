@@ -18,7 +18,8 @@ from networks.detectors import extractor_config, parse_model_options
 from networks.features import PRESETS, ExtractorConfig, MultimodalFeatures
 from networks.fpfh import FPFHConfig
 from networks.memory_bank import (
-    MemoryBank, gaussian_blur, greedy_coreset, nearest_neighbours, pil_blur_8bit, reweighted_image_score,
+    MemoryBank, gaussian_blur, greedy_coreset, nearest_neighbours, orthogonal_matching_pursuit, pil_blur_8bit,
+    reweighted_image_score,
 )
 from networks.resnet import ResNetConfig, combine_stages
 from utils.checkpoints import load_modules, save_modules
@@ -167,3 +168,30 @@ def test_btf_presets_and_options():
         parse_model_options("btf", ["coreset=many"])
     with pytest.raises(ValueError, match="fraction"):
         BTF(paper, coreset=0.0)
+
+
+def test_orthogonal_matching_pursuit_equals_scikit_learn():
+    import warnings
+
+    from sklearn.decomposition import sparse_encode
+
+    rng = np.random.default_rng(6)
+    # a known 3-sparse code over orthonormal atoms (where OMP must recover it exactly)
+    orthonormal = np.stack([np.linalg.qr(rng.normal(size=(16, 10)))[0].T for _ in range(40)])
+    truth = np.zeros((40, 10))
+    for row in truth:
+        row[rng.choice(10, 3, replace=False)] = rng.normal(size=3)
+    signals = np.einsum("bk,bkd->bd", truth, orthonormal)
+    codes = orthogonal_matching_pursuit(torch.from_numpy(signals), torch.from_numpy(orthonormal), 3).numpy()
+    assert np.allclose(codes, truth, atol=1e-10), "recovers the known sparse signal"
+    dictionaries = rng.normal(size=(40, 10, 16))
+    noisy = signals + 0.3 * rng.normal(size=signals.shape)
+    dependent = dictionaries.copy()
+    dependent[:20, 1] = 2 * dependent[:20, 0]  # linearly dependent atoms: OMP stops early
+    for atoms, x in ((dictionaries, noisy), (dependent, dependent[:, 0] * 3)):
+        ours = orthogonal_matching_pursuit(torch.from_numpy(x), torch.from_numpy(atoms), 3).numpy()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # scikit-learn warns about the early stop
+            expected = np.stack([sparse_encode(x[i : i + 1], atoms[i], algorithm="omp", n_nonzero_coefs=3)[0]
+                                 for i in range(len(x))])
+        assert np.allclose(ours, expected, atol=1e-10)
