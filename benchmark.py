@@ -100,7 +100,8 @@ def inference_speed(extractor: MultimodalFeatures, model: Detector, dataset: MVT
             with torch.no_grad():
                 (f2d, f3d), flops["features"] = count_flops(extractor.get_features_maps, batch.rgb.to(device),
                                                             batch.xyz.to(device))
-                _, flops["method"] = count_flops(model.predict, f2d, f3d, valid_mask(batch, f3d, extractor))
+                _, flops["method"] = count_flops(model.predict, f2d, f3d, valid_mask(batch, f3d, extractor),
+                                                 xyz=batch.xyz)
             flops["load"] = 0
             flops["total"] = sum(flops.values())
             continue
@@ -110,7 +111,7 @@ def inference_speed(extractor: MultimodalFeatures, model: Detector, dataset: MVT
         with torch.no_grad():
             f2d, f3d = extractor.get_features_maps(batch.rgb.to(device), batch.xyz.to(device))
             extracted = _clock(device)
-            model.predict(f2d, f3d, valid_mask(batch, f3d, extractor))
+            model.predict(f2d, f3d, valid_mask(batch, f3d, extractor), xyz=batch.xyz)
         done = _clock(device)
         for name, seconds in (("load", loaded - start), ("features", extracted - loaded),
                               ("method", done - extracted), ("total", done - start)):
@@ -138,7 +139,7 @@ def fit_seconds(extractor: MultimodalFeatures, model: MemoryBankDetector, datase
     def batches():
         for batch in make_dataloader(dataset, 1):
             f2d, f3d = cache.features(batch)
-            yield f2d, f3d, valid_mask(batch, f3d, extractor)
+            yield f2d, f3d, valid_mask(batch, f3d, extractor), batch.xyz
 
     start = _clock(extractor.device)
     with torch.no_grad():

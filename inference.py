@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from networks.detectors import detector_class
+from networks.detectors import detector_class, detector_names
 from networks.fusion import FUSION_VARIANTS
 from utils.checkpoints import (
     CheckpointError, adopt_recorded_settings, load_modules, read_sidecar, select_run, sidecar_path, versions,
@@ -70,7 +70,7 @@ def evaluate_class(class_name: str, config: RunConfig, cache: FeatureCache, fusi
         with torch.no_grad():
             f2d, f3d = cache.features(batch)
             with autocast(device, config.amp):
-                prediction = model.predict(f2d, f3d, valid_mask(batch, f3d, extractor), fusion)
+                prediction = model.predict(f2d, f3d, valid_mask(batch, f3d, extractor), fusion, xyz=batch.xyz)
             aupro_map, image_score, pixel_scores = (prediction.maps.float(), prediction.image_scores.float(),
                                                     prediction.pixel_scores.float())
         if device.type == "cuda":
@@ -147,6 +147,12 @@ def adopt_run_settings(args: argparse.Namespace) -> None:
                             paths=("rgb_weights", "pointmae_weights"))
 
 
+def fusion_choices() -> list[str]:
+    """Every method's fusion variants: CMDR-IAD's first, then the others'."""
+    extra = {v for name in detector_names() for v in detector_class(name).fusion_variants} - set(FUSION_VARIANTS)
+    return [*FUSION_VARIANTS, *sorted(extra)]
+
+
 def check_fusion(parser: argparse.ArgumentParser, config: RunConfig, fusion: str) -> None:
     """The method's fusion variants apply to its 2D+3D model; a single modality has only ``full``."""
     variants = detector_class(config.model).fusion_variants if config.modality == "rgbxyz" else ("full",)
@@ -158,8 +164,9 @@ def check_fusion(parser: argparse.ArgumentParser, config: RunConfig, fusion: str
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_arguments(parser, training=False)
-    parser.add_argument("--fusion", choices=FUSION_VARIANTS, default="full",
-                        help="fusion of the 2D+3D model: full (Eq. 7), case1..case6 (Eqs. 1-6), rec_only, map_only")
+    parser.add_argument("--fusion", choices=fusion_choices(), default="full",
+                        help="fusion of the 2D+3D model: full (Eq. 7), case1..case6 (Eqs. 1-6), rec_only, map_only "
+                             "(cmdr); shape_guided: full, sdf_only, rgb_only (its single-memory rows)")
     parser.add_argument("--results_dir", type=Path, default=Path("results"))
     parser.add_argument("--run_name", help="default: <model>_<modality>_<fusion>_<preset>")
     parser.add_argument("--save_maps", action="store_true", help="write a heatmap panel per test sample")

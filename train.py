@@ -202,7 +202,7 @@ def fit_memory_bank(model: MemoryBankDetector, class_name: str, config: RunConfi
     def batches():
         for batch in tqdm(loader, desc=f"{class_name} fit", unit="batch", leave=False):
             f2d, f3d = cache.features(batch)
-            yield f2d, f3d, valid_mask(batch, f3d, cache.extractor)
+            yield f2d, f3d, valid_mask(batch, f3d, cache.extractor), batch.xyz
 
     with torch.no_grad():
         statistics = model.fit(batches())

@@ -70,10 +70,9 @@ class BTF(MemoryBankDetector):
         """(B, G², D) patch features: F2D, F3D or [F2D, F3D] (no scaling between them, as the reference)."""
         return torch.cat([f for f, b in ((f2d, "2d"), (f3d, "3d")) if b in self.branches], dim=-1)
 
-    def fit(self, batches: Iterable[tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]]
-            ) -> dict[str, float]:
+    def fit(self, batches: Iterable[tuple]) -> dict[str, float]:
         """Every training patch (background included, as the reference), then the coreset."""
-        patches = torch.cat([self.patches(f2d, f3d).flatten(0, 1).cpu() for f2d, f3d, _ in batches])
+        patches = torch.cat([self.patches(f2d, f3d).flatten(0, 1).cpu() for f2d, f3d, *_ in batches])
         keep = greedy_coreset(patches, self.coreset)
         self.bank.fill(patches[keep])
         return {"training_patches": len(patches), "bank_size": len(self.bank),
@@ -96,7 +95,7 @@ class BTF(MemoryBankDetector):
         return gaussian_blur(maps["patch"]) if self.blur == "exact" else pil_blur_8bit(maps["patch"])
 
     def predict(self, f2d: torch.Tensor | None, f3d: torch.Tensor | None, mask: torch.Tensor,
-                variant: str = "full") -> Prediction:
+                variant: str = "full", xyz: torch.Tensor | None = None) -> Prediction:
         """The blurred map for P-AUROC and AUPRO, the re-weighted maximum patch distance for I-AUROC."""
         grid, size = self.config.grid_size, self.config.img_size
         distances, scores = [], []

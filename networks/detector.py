@@ -94,6 +94,8 @@ class Detector(nn.Module):
     #: the method's own feature extractors for some ``--preset`` names (BTF: Wide-ResNet-50-2 + FPFH for
     #: ``paper``); the other presets are :data:`networks.features.PRESETS`
     presets: ClassVar[Mapping[str, ExtractorConfig]] = {}
+    #: whether :meth:`predict` (and a memory-bank method's ``fit``) reads the organized point clouds themselves
+    needs_clouds: ClassVar[bool] = False
 
     def __init__(self, config: ExtractorConfig, modality: str = "rgbxyz") -> None:
         super().__init__()
@@ -138,9 +140,10 @@ class Detector(nn.Module):
     # --- shared ------------------------------------------------------------------------------------------------
 
     def predict(self, f2d: torch.Tensor | None, f3d: torch.Tensor | None, mask: torch.Tensor,
-                variant: str = "full") -> Prediction:
+                variant: str = "full", xyz: torch.Tensor | None = None) -> Prediction:
         """Image scores and maps of a batch: Ψ (:meth:`anomaly_map`) and the reference's three normalisations
-        (:func:`networks.fusion.normalize_scores`). Memory-bank methods score images their own way."""
+        (:func:`networks.fusion.normalize_scores`). Memory-bank methods score images their own way; ``xyz``
+        (B, 3, S, S), the organized clouds, is read by the methods that set ``needs_clouds``."""
         maps, image_scores, pixel_scores = normalize_scores(self.anomaly_map(f2d, f3d, mask, variant).float())
         return Prediction(image_scores, maps, pixel_scores)
 

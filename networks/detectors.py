@@ -13,6 +13,7 @@ import networks.btf  # noqa: F401
 import networks.cfm  # noqa: F401
 import networks.cmdr  # noqa: F401
 import networks.mafr  # noqa: F401
+import networks.shape_guided  # noqa: F401
 from networks.detector import DETECTORS, Detector
 from networks.features import PRESETS, ExtractorConfig
 

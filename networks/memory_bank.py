@@ -239,9 +239,10 @@ class MemoryBankDetector(Detector):
     3D expert); they are written to checkpoints like the gradient-trained methods' weights.
     """
 
-    def fit(self, batches: Iterable[tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]]
+    def fit(self, batches: Iterable[tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor | None]]
             ) -> dict[str, float]:
-        """Build the banks from the training set: ``batches`` yields (F2D, F3D, mask) like :meth:`losses` takes.
+        """Build the banks from the training set: ``batches`` yields (F2D, F3D, mask) as :meth:`losses` takes
+        them, and the organized clouds (B, 3, S, S) or None.
 
         Returns:
             numbers worth recording in the run's sidecar (bank sizes, ...).

@@ -25,6 +25,7 @@ TINY = PRESETS["tiny"]
 CASES = [(name, modality) for name in sorted(DETECTORS) for modality in DETECTORS[name].modalities]
 TRAINED = [(n, m) for n, m in CASES if not issubclass(DETECTORS[n], MemoryBankDetector)]  # gradient-trained
 FITTED = [(n, m) for n, m in CASES if issubclass(DETECTORS[n], MemoryBankDetector)]  # memory-bank methods
+QUICK = {"shape_guided": {"expert_steps": 3}}  # options that keep a method's fit short in these tests
 
 
 def features(config=TINY, batch: int = 2, seed: int = 0):
@@ -39,6 +40,22 @@ def features(config=TINY, batch: int = 2, seed: int = 0):
 
 def inputs(model, f2d, f3d):
     return (f2d if "2d" in model.branches else None), (f3d if "3d" in model.branches else None)
+
+
+def clouds(config=TINY, batch: int = 2, seed: int = 0) -> torch.Tensor:
+    """Organized clouds (B, 3, S, S) of smooth random surfaces, every pixel valid (no zero coordinate)."""
+    generator = torch.Generator().manual_seed(seed)
+    size = config.img_size
+    yy, xx = torch.meshgrid(torch.linspace(1, 2, size), torch.linspace(1, 2, size), indexing="ij")
+    phase = torch.rand(batch, 1, 1, generator=generator) * 6
+    z = 1 + 0.1 * torch.sin(4 * xx + phase) * torch.cos(3 * yy)
+    return torch.stack([xx.expand_as(z), yy.expand_as(z), z], dim=1)
+
+
+def fit(model, seed: int = 5):
+    """Fit a memory-bank method on one batch of random features and clouds."""
+    f2d, f3d, mask = features(seed=seed)
+    return model.fit([(*inputs(model, f2d, f3d), mask, clouds(seed=seed))])
 
 
 def test_registry_names_the_flagship_first():
@@ -76,18 +93,18 @@ def test_forward_backward_every_parameter_gets_a_gradient(name: str, modality: s
 @pytest.mark.parametrize(("name", "modality"), CASES)
 def test_checkpoint_round_trip_and_identity(name: str, modality: str, tmp_path):
     torch.manual_seed(0)
-    model = build_detector(name, TINY, modality).eval()
+    model = build_detector(name, TINY, modality, **QUICK.get(name, {})).eval()
     if isinstance(model, MemoryBankDetector):
-        model.fit([features(seed=5)])
+        fit(model)
     identity = {"model": name, "modality": modality, "model_options": model.options()}
     save_modules(model.trainable(), tmp_path, "dome", 3, 2, sidecar=identity)
     torch.manual_seed(1)
-    loaded = build_detector(name, TINY, modality).eval()
+    loaded = build_detector(name, TINY, modality, **QUICK.get(name, {})).eval()
     load_modules(loaded.trainable(), tmp_path, "dome", 3, 2, expected=identity)
     f2d, f3d, mask = features()
     with torch.no_grad():
-        assert torch.equal(model.anomaly_map(*inputs(model, f2d, f3d), mask),
-                           loaded.anomaly_map(*inputs(loaded, f2d, f3d), mask))
+        first, second = (m.predict(*inputs(m, f2d, f3d), mask, xyz=clouds(seed=1)) for m in (model, loaded))
+    assert torch.equal(first.maps, second.maps) and torch.equal(first.image_scores, second.image_scores)
     other = next(n for n in DETECTORS if n != name)
     with pytest.raises(CheckpointError, match=f"model: checkpoint '{name}' vs now '{other}'"):
         load_modules(loaded.trainable(), tmp_path, "dome", 3, 2, expected={**identity, "model": other})
@@ -238,16 +255,16 @@ def test_mafr_training_losses_and_map(smoothness: str):
 
 @pytest.mark.parametrize(("name", "modality"), FITTED)
 def test_memory_bank_method_fits_and_predicts(name: str, modality: str):
-    model = build_detector(name, TINY, modality).eval()
+    model = build_detector(name, TINY, modality, **QUICK.get(name, {})).eval()
     assert model.optimizer_groups() == {}
     with pytest.raises(TypeError, match="fitted"):
         model.losses(*features())
     f2d, f3d, mask = features(seed=5)
-    statistics = model.fit([inputs(model, f2d, f3d) + (mask,)])
-    assert statistics["bank_size"] >= 1
+    statistics = fit(model)
+    assert statistics["bank_megabytes"] > 0
     with torch.no_grad():
-        prediction = model.predict(*inputs(model, f2d, f3d), mask)
-        other = model.predict(*inputs(model, *features(seed=6)[:2]), mask)
+        prediction = model.predict(*inputs(model, f2d, f3d), mask, xyz=clouds(seed=5))
+        other = model.predict(*inputs(model, *features(seed=6)[:2]), mask, xyz=clouds(seed=6))
     size = TINY.img_size
     assert prediction.maps.shape == prediction.pixel_scores.shape == (2, size, size)
     assert prediction.image_scores.shape == (2,) and torch.isfinite(prediction.image_scores).all()
