@@ -210,8 +210,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"{100 * stage['fraction_of_fp32_matmul_rate']:6.1f} % of the fp32 matmul rate", flush=True)
         results["n_train"] = len(train)
         if fitted:
+            banks = ", ".join(f"{k} {v:.4g}" for k, v in fitted.items() if k not in ("fit_seconds", "bank_megabytes"))
             print(f"  fit ({results['n_train']} samples, features cached): {fitted['fit_seconds']:.2f} s; memory "
-                  f"bank {fitted['bank_size']} × {model.bank.features.shape[1]}, {fitted['bank_megabytes']:.1f} MB")
+                  f"banks {fitted['bank_megabytes']:.1f} MB ({banks})")
         else:
             results["train_epoch_seconds_cached"] = epoch_seconds(extractor, model, train, Path(tmp) / "cache")
             results["train_epoch_seconds_uncached"] = epoch_seconds(extractor, model, train, None)

@@ -88,6 +88,9 @@ class Detector(nn.Module):
     name: ClassVar[str] = ""
     modalities: ClassVar[tuple[str, ...]] = ("rgbxyz",)
     fusion_variants: ClassVar[tuple[str, ...]] = ("full",)
+    #: fusion variants that are a single-modality row of the method's paper (Shape-Guided's ``sdf_only``: its 3D
+    #: row), with that modality: the tables put them there
+    variant_modalities: ClassVar[Mapping[str, str]] = {}
     #: options of the constructor that ``--model_option NAME=VALUE`` may set: their allowed values, or a type
     #: (``float``, ``int``) the value is converted to
     option_choices: ClassVar[Mapping[str, tuple[str, ...] | type]] = {}

@@ -300,6 +300,7 @@ class ShapeGuided(MemoryBankDetector):
     modalities = ("rgbxyz",)
     needs_clouds = True
     fusion_variants = ("full", "sdf_only", "rgb_only")
+    variant_modalities = {"sdf_only": "xyz", "rgb_only": "rgb"}
     option_choices = {"expert": ("auto", "paper", "lite"), "expert_steps": int, "sdf_checkpoint": Path,
                       "blur": ("exact", "pil8bit")}
     presets = SG_PRESETS

@@ -25,6 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from networks.detectors import DETECTORS  # noqa: E402
 from utils.io import write_text_atomic  # noqa: E402
 from utils.mvtec3d import MVTEC3D_CLASSES  # noqa: E402
 
@@ -49,7 +50,10 @@ def load_runs(run_dirs: Sequence[Path]) -> dict[RunKey, dict]:
             raise FileNotFoundError(f"{path} not found: pass folders written by inference.py")
         document = json.loads(path.read_text())
         config = document["config"]
-        key = (config.get("model", "cmdr"), SETTINGS[config["modality"]], config.get("fusion", "full"))
+        model, modality, fusion = config.get("model", "cmdr"), config["modality"], config.get("fusion", "full")
+        if model in DETECTORS and fusion in DETECTORS[model].variant_modalities:  # e.g. Shape-Guided's SDF-only row
+            modality, fusion = DETECTORS[model].variant_modalities[fusion], "full"
+        key = (model, SETTINGS[modality], fusion)
         if key in runs:
             logger.warning("%s: a second run for %s / %s / %s replaces the first", run_dir, *key)
         runs[key] = {name: _percent(m) for name, m in {**document["classes"], "mean": document["mean"]}.items()}

@@ -82,6 +82,21 @@ def test_methods_side_by_side(tmp_path: Path):
     assert "| CFM 2D+3D Δ | -9.4 |" in per_class
 
 
+def test_memory_bank_rows_and_single_memory_variants(tmp_path: Path):
+    """BTF's three modalities and Shape-Guided's sdf_only / rgb_only variants land in their paper's 2D / 3D rows."""
+    runs = [fake_run(tmp_path, "btf", "rgbxyz", "full", 0.86, "btf"), fake_run(tmp_path, "btf3", "xyz", "full", 0.78,
+                                                                                "btf"),
+            fake_run(tmp_path, "sg", "rgbxyz", "full", 0.94, "shape_guided"),
+            fake_run(tmp_path, "sg3", "rgbxyz", "sdf_only", 0.91, "shape_guided"),
+            fake_run(tmp_path, "sg2", "rgbxyz", "rgb_only", 0.81, "shape_guided")]
+    assert main(["--runs", *map(str, runs), "--out", str(tmp_path / "tables")]) == 0
+    means = (tmp_path / "tables" / "tables.md").read_text().split("### Methods side by side: mean")[1]
+    for row in ("| BTF 2D+3D ours (AUPRO 99 thr) | 86.0 |", "| BTF 3D ours (AUPRO 99 thr) | 78.0 |",
+                "| BTF 3D paper | 78.2 | — | 92.4 |", "| Shape-Guided 3D ours (AUPRO 99 thr) | 91.0 |",
+                "| Shape-Guided 2D ours (AUPRO 99 thr) | 81.0 |", "| Shape-Guided 2D+3D paper | 94.7 | — | 97.6 |"):
+        assert row in means, row
+
+
 def test_missing_run_folder(tmp_path: Path):
     assert main(["--runs", str(tmp_path / "nope"), "--out", str(tmp_path / "out")]) == 1
 
@@ -93,16 +108,17 @@ def test_a_second_run_of_the_same_row_replaces_the_first(tmp_path: Path, modalit
     assert "| 3D ours | 60.0 |" in (tmp_path / "t" / "tables.md").read_text()
 
 
-@pytest.mark.parametrize("model", ["cmdr", "mafr", "btf"])
+@pytest.mark.parametrize("model", ["cmdr", "mafr", "btf", "shape_guided"])
 def test_benchmark_writes_the_table4_keys(tmp_path: Path, model: str):
     import benchmark
 
     out = tmp_path / "b.json"
-    assert benchmark.main(["--preset", "tiny", "--model", model, "--random_init", "--device", "cpu",
+    quick = ["--model_option", "expert_steps=2"] if model == "shape_guided" else []
+    assert benchmark.main(["--preset", "tiny", "--model", model, "--random_init", "--device", "cpu", *quick,
                            "--out", str(out)]) == 0
     results = json.loads(out.read_text())
     assert results["model"] == model
-    training = ("fit_seconds", "bank_megabytes") if model == "btf" else \
+    training = ("fit_seconds", "bank_megabytes") if model in ("btf", "shape_guided") else \
         ("train_epoch_seconds_cached", "train_epoch_seconds_uncached")
     for key in ("fps", "peak_memory_mb", *training):
         assert results[key] > 0
