@@ -1,6 +1,7 @@
 """Speed and memory of a detection method as CMDR-IAD's Table 4 measures them, and the cost of a training epoch.
 
-    python benchmark.py --preset paper|lite|tiny [--model cmdr|cfm|mafr|btf] [--model_option K=V] [--random_init]
+    python benchmark.py --preset paper|lite|tiny [--model cmdr|cfm|mafr|btf|shape_guided]
+        [--model_option K=V] [--random_init]
         [--device cpu|cuda] [--out FILE] [--dataset_path D --class_name C] [--rgb_weights F] [--pointmae_weights F]
 
 * ``fps``: inference as the paper measures it — the whole pipeline from loading a test sample to its scores
@@ -47,7 +48,8 @@ from utils.feature_cache import FeatureCache
 from utils.io import write_text_atomic
 from utils.mvtec3d import MVTec3DDataset, collate_samples, make_dataloader
 from utils.pipeline import (
-    DEFAULT_SEED, add_model_arguments, open_split, resolve_device, seed_everything, setup_logging, valid_mask,
+    DEFAULT_SEED, add_model_arguments, model_option_pairs, open_split, resolve_device, seed_everything, setup_logging,
+    valid_mask,
 )
 from utils.synthetic import SyntheticConfig, generate_dataset
 
@@ -174,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging()
     try:
-        options = parse_model_options(args.model, args.model_option)
+        options = parse_model_options(args.model, model_option_pairs(args))
     except ValueError as err:
         parser.error(str(err))
     seed_everything(DEFAULT_SEED)

@@ -1,6 +1,7 @@
 """The whole method on built-in synthetic data, in about three minutes on a 2-core CPU.
 
-    python demo.py [--out data/demo] [--classes dome] [--model cmdr|cfm|mafr|btf] [--preset lite|tiny|paper]
+    python demo.py [--out data/demo] [--classes dome] [--model cmdr|cfm|mafr|btf|shape_guided]
+        [--preset lite|tiny|paper]
         [--epochs_no 20] [--n_train 40] [--n_test 45] [--batch_size 2] [--rgb_weights F] [--pointmae_weights F]
         [--device auto|cpu|cuda]
 

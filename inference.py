@@ -1,9 +1,10 @@
 """Evaluate trained checkpoints of a detection method on the test split, one class at a time (README "Training and
 inference").
 
-    python inference.py --dataset_path D --class_names C [C ...|all] [--model cmdr|cfm|mafr|btf] [--model_option K=V]
+    python inference.py --dataset_path D --class_names C [C ...|all] [--model cmdr|cfm|mafr|btf|shape_guided]
+        [--model_option K=V]
         [--checkpoint_folder ...] [--epochs_no E] [--batch_size B] [--seed 115] [--eval_batch_size 1]
-        [--modality rgbxyz|rgb|xyz] [--fusion full|case1..case6|rec_only|map_only]
+        [--modality rgbxyz|rgb|xyz] [--fusion full|case1..case6|rec_only|map_only|sdf_only|rgb_only]
         [--results_dir results] [--run_name NAME] [--save_maps] [--eval_resolution input|native]
         [--preset paper|lite|tiny] [--random_init] [--cache_dir DIR] [--amp] ...
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import json
 import logging
 import sys
 import time
@@ -43,6 +45,8 @@ from utils.pipeline import (
     DEFAULT_PRESET, RunConfig, add_run_arguments, autocast, model_identity, open_split, parse_run_args,
     prepare_run, setup_logging, valid_mask,
 )
+from utils.predictor import threshold_path
+from utils.report import ReportBuilder
 from utils.results import metrics_markdown, write_results
 from utils.transforms import denormalize_rgb, to_native_resolution
 from utils.visualization import save_panel
@@ -51,11 +55,16 @@ logger = logging.getLogger("inference")
 
 
 def evaluate_class(class_name: str, config: RunConfig, cache: FeatureCache, fusion: str, eval_resolution: str,
-                   run_dir: Path, save_maps: bool = False, save_raw_maps: bool = False) -> dict:
-    """Score the test split of one class and return its metrics dict."""
+                   run_dir: Path, save_maps: bool = False, save_raw_maps: bool = False,
+                   report: ReportBuilder | None = None) -> dict:
+    """Score the test split of one class and return its metrics dict (``report``: collect its parts)."""
     extractor = cache.extractor
     model = config.build_detector(extractor)
     epochs, batch_size = select_run(config.run_dir, class_name, config.epochs_no, config.batch_size)
+    if report is not None:
+        calibration = threshold_path(config.run_dir, class_name, epochs, batch_size)
+        report.thresholds[class_name] = (json.loads(calibration.read_text())["threshold"]
+                                         if calibration.is_file() else None)
     load_modules(model.trainable(), config.run_dir, class_name, epochs, batch_size,
                  expected=model_identity(extractor, model))
     model.eval()
@@ -90,6 +99,10 @@ def evaluate_class(class_name: str, config: RunConfig, cache: FeatureCache, fusi
                 gts.append(batch.gt[i, 0].numpy() > 0)
             aupro_maps.append(maps[0])
             pixel_maps.append(maps[1])
+            if report is not None:
+                report.add(class_name, f"{record.defect_type}/{record.stem}", record.label, image_scores[-1],
+                           denormalize_rgb(batch.rgb[i], dataset.normalization), aupro_map[i].cpu().numpy(),
+                           batch.gt[i, 0].numpy() > 0)
             if save_maps:
                 xyz = None if batch.xyz is None else batch.xyz[i].permute(1, 2, 0).numpy()
                 rgb = denormalize_rgb(batch.rgb[i], dataset.normalization)
@@ -189,9 +202,10 @@ def main(argv: list[str] | None = None) -> int:
         class_names, cache = prepare_run(config)
         extractor = cache.extractor
         per_class = {}
+        report = ReportBuilder(run_dir)
         for class_name in class_names:
             per_class[class_name] = evaluate_class(class_name, config, cache, args.fusion, args.eval_resolution,
-                                                   run_dir, args.save_maps, args.save_raw_maps)
+                                                   run_dir, args.save_maps, args.save_raw_maps, report)
             logger.info("%s: I-AUROC %.3f  P-AUROC %.3f  AUPRO@30%% %.3f", class_name,
                         per_class[class_name]["I-AUROC"], per_class[class_name]["P-AUROC"],
                         per_class[class_name]["AUPRO@30%"])
@@ -202,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
                   "class_names": class_names, "extractor": extractor.metadata, "versions": versions()}
     write_results(run_dir, run_config, per_class)
     print(metrics_markdown(per_class))
-    logger.info("results in %s", run_dir)
+    title = f"{run_dir.name}: {config.model} {config.modality} {args.fusion}, preset {config.preset}"
+    logger.info("results in %s; open %s to look at the parts", run_dir, report.write(per_class, title))
     if args.save_maps:
         logger.info("heatmap panels in %s", run_dir / "maps")
     return 0

@@ -1,6 +1,7 @@
 """Train a detection method (CMDR-IAD by default), one class at a time.
 
-    python train.py --dataset_path D --class_name C [C ...|all] [--model cmdr|cfm|mafr|btf] [--model_option K=V]
+    python train.py --dataset_path D --class_name C [C ...|all] [--model cmdr|cfm|mafr|btf|shape_guided]
+        [--model_option K=V]
         [--modality rgbxyz|rgb|xyz] [--epochs_no 50] [--batch_size 1]
         [--checkpoint_savepath checkpoints/CMDR_IAD_checkpoints] [--preset paper|lite|tiny]
         [--rgb_weights F] [--pointmae_weights F] [--random_init] [--cache_dir DIR] [--device auto|cpu|cuda]
@@ -107,6 +108,14 @@ class TrainingInterrupted(Exception):
         self.state_path = state_path
 
 
+class FitInterrupted(TrainingInterrupted):
+    """A memory-bank fit stopped by Ctrl-C: nothing was written (a fit is one pass; it restarts from the start)."""
+
+    def __init__(self, class_name: str) -> None:
+        Exception.__init__(self, f"{class_name}: fit interrupted, nothing written (a fit starts again from the "
+                                 "beginning)")
+
+
 class DeferredInterrupt:
     """Within the block, Ctrl-C (SIGINT) only sets ``requested``: the training loop stops after the current step,
     so the saved state is consistent. A second Ctrl-C stops at once. Only in the main thread (signals)."""
@@ -181,6 +190,7 @@ def train_class(class_name: str, config: RunConfig, cache: FeatureCache, resume:
         **identity,
         "class_name": class_name,
         "preset": config.preset,
+        "model_option": config.model_option,  # as given: the predictor rebuilds the method from them
         "extractor": extractor.metadata,
         "n_train": len(dataset),
         **outcome,
@@ -204,8 +214,11 @@ def fit_memory_bank(model: MemoryBankDetector, class_name: str, config: RunConfi
             f2d, f3d = cache.features(batch)
             yield f2d, f3d, valid_mask(batch, f3d, cache.extractor), batch.xyz
 
-    with torch.no_grad():
-        statistics = model.fit(batches())
+    try:
+        with torch.no_grad():
+            statistics = model.fit(batches())
+    except KeyboardInterrupt:
+        raise FitInterrupted(class_name) from None
     logger.info("%s fitted: %s", class_name, ", ".join(f"{k} {v:.4g}" for k, v in statistics.items()))
     return statistics
 

@@ -1,7 +1,8 @@
 """Train and evaluate a set of classes for one configuration, resumably: one command per table row.
 
-    python scripts/reproduce.py --dataset_path D [--class_name all] [--model cmdr|cfm|mafr|btf]
-        [--modality rgbxyz|rgb|xyz] [--fusion full|case1..case6|rec_only|map_only] [--seed 115] [--preset paper]
+    python scripts/reproduce.py --dataset_path D [--class_name all] [--model cmdr|cfm|mafr|btf|shape_guided]
+        [--modality rgbxyz|rgb|xyz] [--fusion full|case1..case6|rec_only|map_only|sdf_only|rgb_only] [--seed 115]
+        [--preset paper]
         [--results_dir results] [--run_name NAME] [--save_raw_maps] [train.py options ...]
 
 For each class: train (skipped when the identical run finished; an interrupted training continues), evaluate, and
@@ -23,8 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from inference import check_fusion, evaluate_class  # noqa: E402
-from networks.fusion import FUSION_VARIANTS  # noqa: E402
+from inference import check_fusion, evaluate_class, fusion_choices  # noqa: E402
 from train import INTERRUPTED_EXIT, TrainingInterrupted, train_class  # noqa: E402
 from utils.checkpoints import versions  # noqa: E402
 from utils.io import InputError, write_text_atomic  # noqa: E402
@@ -39,7 +39,8 @@ logger = logging.getLogger("reproduce")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_arguments(parser, training=True)
-    parser.add_argument("--fusion", choices=FUSION_VARIANTS, default="full")
+    parser.add_argument("--fusion", choices=fusion_choices(), default="full",
+                        help="fusion variant of the method (inference.py --fusion)")
     parser.add_argument("--results_dir", type=Path, default=Path("results"))
     parser.add_argument("--run_name", help="default: <model>_<modality>_<fusion>_<preset>_seed<seed>")
     parser.add_argument("--eval_resolution", choices=("input", "native"), default="input")

@@ -117,3 +117,17 @@ def test_expert_size_follows_the_preset_and_options():
     model = ShapeGuided(SG_PRESETS["lite"], expert_steps=7)
     assert model.options() == {"expert": "lite", "expert_steps": 7, "expert_source": "trained", "blur": "exact"}
     assert SG_PRESETS["paper"].rgb_dim == 768 and SG_PRESETS["paper"].grid_size == 28
+
+
+def test_sdf_checkpoint_flag_is_the_model_option():
+    import argparse
+    from pathlib import Path
+
+    from utils.pipeline import RunConfig, add_run_arguments, parse_run_args
+
+    parser = argparse.ArgumentParser()
+    add_run_arguments(parser, training=True)
+    args = parse_run_args(parser, ["--dataset_path", "d", "--model", "shape_guided", "--sdf_checkpoint", "x.pth"])
+    assert RunConfig.from_args(args).model_options == {"sdf_checkpoint": Path("x.pth")}
+    with pytest.raises(SystemExit):  # cmdr has no such option: a usage error
+        parse_run_args(parser, ["--dataset_path", "d", "--sdf_checkpoint", "x.pth"])

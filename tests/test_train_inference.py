@@ -397,3 +397,22 @@ def test_inference_batch_size_does_not_change_per_sample_results(synthetic_root:
     (one, metrics_one), (three, metrics_three) = scores(1), scores(3)
     assert one == pytest.approx(three, rel=1e-5)  # batched matrix products only reassociate float sums
     assert metrics_one == pytest.approx(metrics_three, abs=1e-6)
+
+
+def test_memory_bank_fit_round_trip_and_ctrl_c(synthetic_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A memory-bank method is fitted by train.py (its run named 1ep whatever --epochs_no says) and evaluated by
+    inference.py; Ctrl-C during a fit writes nothing and exits 130."""
+    from networks.btf import BTF
+
+    original = BTF.fit
+    monkeypatch.setattr(BTF, "fit", lambda self, batches: _raise(KeyboardInterrupt()))
+    assert run_train(synthetic_root, tmp_path, "--model", "btf") == train.INTERRUPTED_EXIT
+    folder = run_folder(tmp_path / "ckpt", "btf", "rgbxyz", 115) / "dome"
+    assert not folder.is_dir() or not any(folder.iterdir()), "an interrupted fit writes nothing"
+    monkeypatch.setattr(BTF, "fit", original)
+    assert run_train(synthetic_root, tmp_path, "--model", "btf") == 0
+    sidecar = json.loads(sidecar_path(folder.parent, "dome", 1, 1).read_text())
+    assert sidecar["fit"]["bank_size"] >= 1 and sidecar["epochs_no"] == 1 and "final_losses" not in sidecar
+    assert run_inference(synthetic_root, tmp_path, "--model", "btf") == 0
+    metrics = json.loads((tmp_path / "results" / "run" / "metrics.json").read_text())
+    assert 0 <= metrics["classes"]["dome"]["I-AUROC"] <= 1

@@ -155,9 +155,19 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """``--model`` and ``--model_option``: which registered method (networks/detectors.py) and its options."""
     parser.add_argument("--model", choices=detector_names(), default=DEFAULT_MODEL,
                         help="detection method: cmdr (CMDR-IAD), cfm (Crossmodal Feature Mapping), mafr (MAFR), btf "
-                             "(Back to the Feature: PatchCore on RGB + FPFH); README 'Methods'")
+                             "(Back to the Feature: PatchCore on RGB + FPFH), shape_guided (Shape-Guided dual "
+                             "memory); README 'Methods'")
     parser.add_argument("--model_option", action="append", default=[], metavar="NAME=VALUE",
                         help="a method option, e.g. smoothness=all for mafr (README 'Methods'); repeatable")
+    parser.add_argument("--sdf_checkpoint", type=Path, metavar="FILE",
+                        help="shape_guided: a trained 3D expert, e.g. the authors' ckpt_000601.pth (the same as "
+                             "--model_option sdf_checkpoint=FILE)")
+
+
+def model_option_pairs(args: argparse.Namespace) -> list[str]:
+    """``--model_option`` pairs, with ``--sdf_checkpoint FILE`` as ``sdf_checkpoint=FILE``."""
+    checkpoint = getattr(args, "sdf_checkpoint", None)
+    return [*args.model_option, *([f"sdf_checkpoint={checkpoint}"] if checkpoint is not None else [])]
 
 
 def parse_run_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
@@ -168,6 +178,7 @@ def parse_run_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> a
         if (value := getattr(args, flag, None)) is not None and value < 1:
             parser.error(f"--{flag} must be at least 1")
     if hasattr(args, "model"):
+        args.model_option = model_option_pairs(args)
         try:
             parse_model_options(args.model, args.model_option)
         except ValueError as err:

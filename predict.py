@@ -1,0 +1,161 @@
+"""Score parts with a trained run: single files, folders, or folders being filled (README "Inspecting parts").
+
+    python predict.py --checkpoint_folder RUN --class_name C [--rgb FILE|DIR] [--xyz FILE|DIR] [--out DIR]
+        [--watch] [--poll_seconds 1] [--max_parts N] [--epochs_no E] [--batch_size B] [--device auto|cpu|cuda]
+
+Everything about the model (method, preset, extractor weights, options, the calibrated threshold of calibrate.py)
+comes from the run folder. With folders, an image and a cloud with the same file stem are one part (``.png`` /
+``.jpg`` images, ``.tiff`` clouds). Each part gets one line in ``<out>/results.csv`` and ``<out>/results.jsonl``
+(score, decision, error, seconds) and an overlay ``<out>/overlays/<part>.png`` (the heatmap on the image, scaled
+by the run's calibration so that good parts stay dark); a part already in the results is not scored again, so a
+rerun continues and ``--watch`` scores each new part once, when its files have stopped growing. A part that cannot
+be scored gets its error in the results and the next part is served. Without ``--out`` the lines are printed only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from utils.io import InputError, read_rgb
+from utils.pipeline import setup_logging
+from utils.predictor import PartResult, Predictor
+from utils.visualization import save_tiles
+
+logger = logging.getLogger("predict")
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+CLOUD_SUFFIXES = (".tiff", ".tif")
+CSV_FIELDS = ("part", "score", "decision", "error", "seconds")
+
+
+def _files(source: Path | None, suffixes: tuple[str, ...]) -> dict[str, Path]:
+    """Stem → file of a file or a folder (None: nothing)."""
+    if source is None:
+        return {}
+    if source.is_dir():
+        return {p.stem: p for p in sorted(source.iterdir()) if p.suffix.lower() in suffixes and p.is_file()}
+    if not source.exists():
+        raise InputError(f"{source}: no such file or folder")
+    return {source.stem: source}
+
+
+def find_parts(rgb: Path | None, xyz: Path | None) -> dict[str, tuple[Path | None, Path | None]]:
+    """Part name → (image, cloud); a part may lack one of them (the predictor then says what is missing)."""
+    images, clouds = _files(rgb, IMAGE_SUFFIXES), _files(xyz, CLOUD_SUFFIXES)
+    if rgb is not None and xyz is not None and rgb.is_file() and xyz.is_file():
+        return {rgb.stem: (rgb, xyz)}
+    return {name: (images.get(name), clouds.get(name)) for name in sorted(set(images) | set(clouds))}
+
+
+class ResultWriter:
+    """Appends one line per part to results.csv / results.jsonl and writes its overlay; knows the parts done."""
+
+    def __init__(self, out: Path | None, map_scale: float | None) -> None:
+        self.out, self.map_scale = out, map_scale
+        self.done: set[str] = set()
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            lines = (out / "results.jsonl").read_text().splitlines() if (out / "results.jsonl").is_file() else []
+            self.done = {json.loads(line)["part"] for line in lines if line.strip()}
+
+    def write(self, result: PartResult, image: Path | None) -> None:
+        record = result.record()
+        print(json.dumps(record), flush=True)
+        if self.out is None:
+            return
+        if result.anomaly_map is not None and image is not None:
+            self._overlay(result, image)
+        csv_path = self.out / "results.csv"
+        row = io.StringIO()
+        writer = csv.DictWriter(row, fieldnames=CSV_FIELDS, lineterminator="\n")
+        if not csv_path.is_file():
+            writer.writeheader()
+        writer.writerow(record)
+        for path, text in ((csv_path, row.getvalue()), (self.out / "results.jsonl", json.dumps(record) + "\n")):
+            with path.open("a") as handle:  # one whole line per write: a crash loses at most the current part
+                handle.write(text)
+        self.done.add(result.name)
+
+    def _overlay(self, result: PartResult, image: Path) -> None:
+        from utils.visualization import overlay
+
+        rgb = read_rgb(image)
+        scale = self.map_scale or float(result.anomaly_map.max()) or 1.0
+        heat = np.clip(result.anomaly_map / scale, 0, 1)
+        title = f"{result.name}  score {result.score:.4g}" + (f"  {result.decision}" if result.decision else "")
+        save_tiles(self.out / "overlays" / f"{result.name}.png", [[rgb, overlay(rgb, heat)]], ["part", "anomaly map"],
+                   title)
+
+
+def ready(parts: dict[str, tuple[Path | None, Path | None]], sizes: dict[Path, int]) -> list[str]:
+    """Parts whose files kept their sizes since the last look (a file still being copied is left for later);
+    ``sizes`` is updated."""
+    names = []
+    for name, files in parts.items():
+        current = {p: p.stat().st_size for p in files if p is not None}
+        if all(sizes.get(p) == size for p, size in current.items()):
+            names.append(name)
+        sizes.update(current)
+    return names
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint_folder", type=Path, required=True, help="the run folder train.py wrote")
+    parser.add_argument("--class_name", required=True)
+    parser.add_argument("--rgb", type=Path, help="an image file or a folder of images")
+    parser.add_argument("--xyz", type=Path, help="a cloud file (.tiff) or a folder of clouds")
+    parser.add_argument("--out", type=Path, help="folder for results.csv, results.jsonl and overlays/")
+    parser.add_argument("--watch", action="store_true", help="keep scoring new parts that appear (Ctrl-C stops)")
+    parser.add_argument("--poll_seconds", type=float, default=1.0, help="how often --watch looks for new parts")
+    parser.add_argument("--max_parts", type=int, default=0,
+                        help="stop after scoring this many parts (0: no limit; --watch runs until Ctrl-C)")
+    parser.add_argument("--epochs_no", type=int, help="the run's epochs when the folder holds several runs")
+    parser.add_argument("--batch_size", type=int, help="the run's batch size when the folder holds several runs")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    args = parser.parse_args(argv)
+    if args.rgb is None and args.xyz is None:
+        parser.error("give --rgb and/or --xyz")
+    setup_logging()
+    try:
+        predictor = Predictor.load(args.checkpoint_folder, args.class_name, args.device, args.epochs_no,
+                                   args.batch_size)
+        if predictor.threshold is None:
+            logger.warning("no calibrated threshold for this run: scores without decisions (run calibrate.py)")
+        writer = ResultWriter(args.out, (predictor.calibration or {}).get("map_scale"))
+        sizes: dict[Path, int] = {}
+        scored = 0
+        while True:
+            parts = {n: f for n, f in find_parts(args.rgb, args.xyz).items() if n not in writer.done}
+            if args.watch:  # a part whose cloud (or image) has not arrived yet waits for it
+                parts = {n: (image, cloud) for n, (image, cloud) in parts.items()
+                         if (image is not None or not predictor.needs_rgb)
+                         and (cloud is not None or not predictor.needs_xyz)}
+            for name in ready(parts, sizes) if args.watch else parts:
+                image, cloud = parts[name]
+                writer.write(predictor(rgb=image, xyz=cloud, name=name), image)
+                scored += 1
+                if scored == args.max_parts:
+                    return 0
+            if not args.watch:
+                return 0
+            time.sleep(args.poll_seconds)
+    except InputError as err:  # the run or the paths given; a part's own problems are in its result line
+        logger.error("%s", err)
+        return 1
+    except KeyboardInterrupt:
+        logger.info("stopped")
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

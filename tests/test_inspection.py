@@ -1,0 +1,172 @@
+"""The inspection tools: the predictor, threshold calibration, predict.py on files, folders and a watched folder,
+per-part errors, and the HTML report rendered in headless Chromium (README "Inspecting parts")."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import calibrate
+import inference
+import predict
+import train
+from utils.io import read_rgb, read_xyz
+from utils.predictor import Predictor, calibrate_threshold, threshold_path
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="module")
+def run(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny cmdr run on dome (random backbones: fast; the tools, not detection, are under test here)."""
+    work = tmp_path_factory.mktemp("inspection")
+    assert train.main(["--dataset_path", str(synthetic_root), "--class_name", "dome", "--preset", "tiny",
+                       "--random_init", "--epochs_no", "1", "--cache_dir", str(work / "cache"), "--device", "cpu",
+                       "--checkpoint_savepath", str(work / "ckpt")]) == 0
+    return work / "ckpt"
+
+
+def test_calibration_equals_a_brute_force_quantile():
+    rng = np.random.default_rng(0)
+    for n, rate in ((20, 0.01), (200, 0.01), (200, 0.05), (57, 0.1), (10, 0.0)):
+        scores = rng.normal(size=n)
+        scores[:3] = scores[3]  # ties
+        threshold = calibrate_threshold(scores, rate)
+        # brute force: the smallest candidate threshold whose false alarms (score > t) stay within floor(rate · n)
+        allowed = int(np.floor(rate * n + 1e-9))
+        candidates = sorted(t for t in set(scores.tolist()) if np.sum(scores > t) <= allowed)
+        assert threshold == candidates[0], (n, rate)
+        assert np.sum(scores > threshold) <= allowed
+    with pytest.raises(ValueError):
+        calibrate_threshold([], 0.01)
+    with pytest.raises(ValueError):
+        calibrate_threshold([1.0], 1.0)
+
+
+def test_predictor_scores_a_part_like_inference(run: Path, synthetic_root: Path, tmp_path: Path):
+    assert inference.main(["--dataset_path", str(synthetic_root), "--class_names", "dome", "--checkpoint_folder",
+                           str(run), "--cache_dir", "none", "--device", "cpu", "--results_dir", str(tmp_path),
+                           "--run_name", "r"]) == 0
+    expected = {row["sample"]: float(row["image_score"]) for row in
+                csv.DictReader((tmp_path / "r" / "scores" / "dome.csv").open())}
+    predictor = Predictor.load(run, "dome", device="cpu")
+    part = synthetic_root / "dome" / "test" / "crack"
+    stem = sorted(p.stem for p in (part / "rgb").glob("*.png"))[0]
+    result = predictor(rgb=part / "rgb" / f"{stem}.png", xyz=part / "xyz" / f"{stem}.tiff")
+    assert result.error is None and result.decision is None  # not calibrated yet
+    assert result.score == pytest.approx(expected[f"crack/{stem}"], rel=1e-5)
+    assert result.anomaly_map.shape == read_rgb(part / "rgb" / f"{stem}.png").shape[:2]  # native resolution
+    # arrays work too, and the part's own problems come back as errors while the predictor keeps serving
+    assert predictor(rgb=read_rgb(part / "rgb" / f"{stem}.png"), xyz=read_xyz(part / "xyz" / f"{stem}.tiff")
+                     ).score == pytest.approx(result.score, rel=1e-6)
+    broken = tmp_path / "broken.tiff"
+    broken.write_bytes(b"II*\x00\x08\x00\x00\x00")
+    empty = np.zeros((64, 80, 3), dtype=np.float32)
+    errors = [predictor(rgb=part / "rgb" / f"{stem}.png").error,  # the 3D branch needs the cloud
+              predictor(rgb=part / "rgb" / f"{stem}.png", xyz=broken).error,
+              predictor(rgb=part / "rgb" / f"{stem}.png", xyz=empty).error,
+              predictor(rgb=np.zeros((30, 30, 3), np.uint8), xyz=read_xyz(part / "xyz" / f"{stem}.tiff")).error]
+    assert "needs a point cloud" in errors[0] and "broken.tiff" in errors[1]
+    assert "no valid point" in errors[2] and "differ in size" in errors[3]
+    bigger = np.asarray(read_rgb(part / "rgb" / f"{stem}.png")).repeat(2, 0).repeat(2, 1)
+    cloud = read_xyz(part / "xyz" / f"{stem}.tiff").repeat(2, 0).repeat(2, 1)
+    assert predictor(rgb=bigger, xyz=cloud).anomaly_map.shape == bigger.shape[:2]  # another size than training
+
+
+def test_calibrate_then_predict_files_folders_and_a_watched_folder(run: Path, synthetic_root: Path,
+                                                                   tmp_path: Path):
+    assert calibrate.main(["--checkpoint_folder", str(run), "--class_name", "dome", "--dataset_path",
+                           str(synthetic_root), "--false_alarm_rate", "0.01", "--device", "cpu"]) == 0
+    calibration = json.loads(threshold_path(run, "dome", 1, 1).read_text())
+    assert calibration["n_validation"] == 2 and calibration["validation_false_alarm_rate"] == 0
+    assert 0 <= calibration["test"]["miss_rate"] <= 1 and calibration["test"]["n_good"] > 0
+    predictor = Predictor.load(run, "dome", device="cpu")
+    good = synthetic_root / "dome" / "validation" / "good"
+    scores = [predictor(rgb=p, xyz=good / "xyz" / f"{p.stem}.tiff").score for p in sorted((good / "rgb").iterdir())]
+    assert calibration["threshold"] == pytest.approx(max(scores), rel=1e-6)  # n = 2 at 1 %: the largest
+
+    # a folder of parts, one of them without its cloud: a result line with its error, the others scored
+    source = tmp_path / "line"
+    every = tmp_path / "every"  # every test part of the class, named <defect>_<stem>
+    for folder in ("rgb", "xyz"):
+        (every / folder).mkdir(parents=True)
+        for path in (synthetic_root / "dome" / "test").glob(f"*/{folder}/*"):
+            shutil.copy(path, every / folder / f"{path.parent.parent.name}_{path.name}")
+    shutil.copytree(every, source)
+    lonely = sorted((source / "xyz").iterdir())[0]
+    lonely.unlink()
+    out = tmp_path / "out"
+    arguments = ["--checkpoint_folder", str(run), "--class_name", "dome", "--rgb", str(source / "rgb"), "--xyz",
+                 str(source / "xyz"), "--out", str(out), "--device", "cpu"]
+    assert predict.main(arguments) == 0
+    lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len(lines) == len(list((source / "rgb").iterdir()))
+    errored = [line for line in lines if line["error"]]
+    assert [line["part"] for line in errored] == [lonely.stem] and "point cloud" in errored[0]["error"]
+    assert all(line["decision"] in ("good", "anomalous") for line in lines if not line["error"])
+    assert len(list((out / "overlays").glob("*.png"))) == len(lines) - 1
+    assert predict.main(arguments) == 0  # a rerun scores nothing twice
+    assert len((out / "results.jsonl").read_text().splitlines()) == len(lines)
+    assert len(list(csv.DictReader((out / "results.csv").open()))) == len(lines)
+
+    # a watched folder: parts that arrive are scored once each
+    inbox = tmp_path / "inbox"
+    (inbox / "rgb").mkdir(parents=True)
+    (inbox / "xyz").mkdir()
+    watched = tmp_path / "watched"
+    thread = threading.Thread(target=predict.main, args=(["--checkpoint_folder", str(run), "--class_name", "dome",
+                                                          "--rgb", str(inbox / "rgb"), "--xyz", str(inbox / "xyz"),
+                                                          "--out", str(watched), "--watch", "--poll_seconds",
+                                                          "0.05", "--max_parts", "2", "--device", "cpu"],),
+                              daemon=True)
+    thread.start()
+    arrivals = sorted((every / "rgb").iterdir())[:2]
+    for image in arrivals:
+        shutil.copy(every / "xyz" / f"{image.stem}.tiff", inbox / "xyz")
+        shutil.copy(image, inbox / "rgb")
+        time.sleep(0.3)
+    thread.join(timeout=120)
+    assert not thread.is_alive(), "--max_parts 2 stops the watch after the two parts"
+    names = [json.loads(line)["part"] for line in (watched / "results.jsonl").read_text().splitlines()]
+    assert sorted(names) == sorted(p.stem for p in arrivals)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is needed (apt-get install chromium)")
+def test_report_renders_in_headless_chromium(run: Path, synthetic_root: Path, tmp_path: Path):
+    if not threshold_path(run, "dome", 1, 1).is_file():
+        assert calibrate.main(["--checkpoint_folder", str(run), "--class_name", "dome", "--dataset_path",
+                               str(synthetic_root), "--device", "cpu"]) == 0
+    assert inference.main(["--dataset_path", str(synthetic_root), "--class_names", "dome", "--checkpoint_folder",
+                           str(run), "--cache_dir", "none", "--device", "cpu", "--results_dir", str(tmp_path),
+                           "--run_name", "viewer"]) == 0
+    page = tmp_path / "viewer" / "report.html"
+    screenshot = tmp_path / "report.png"
+    common = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--allow-file-access-from-files"]
+    dom = subprocess.run([*common, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    subprocess.run([*common, f"--screenshot={screenshot}", "--window-size=1200,1600", page.as_uri()],
+                   capture_output=True, timeout=120)
+    n_test = len(list((synthetic_root / "dome" / "test").glob("*/rgb/*.png")))
+    rows = re.findall(r"<tr class=.{0,12}?><td>(\d+)</td><td>([^<]+)</td><td class=.\w+.>(\w+)</td><td>([^<]+)</td>"
+                      r"<td class=.(\w+).>", dom)
+    assert len(rows) == n_test, "one row per test part"
+    scores = [float(row[3]) for row in rows]
+    assert scores == sorted(scores, reverse=True), "parts sorted by score"
+    threshold = json.loads(threshold_path(run, "dome", 1, 1).read_text())["threshold"]
+    assert all(row[4] == ("anomalous" if float(row[3]) > threshold else "good") for row in rows)
+    assert "I-AUROC" in dom and f"threshold {threshold:.4g}" in dom
+    assert dom.count("<img") == n_test
+    from PIL import Image
+
+    with Image.open(screenshot) as image:
+        assert image.size == (1200, 1600)
+        pixels = np.asarray(image.convert("RGB"))
+    assert pixels.std() > 10, "the screenshot shows content, not a blank page"
