@@ -14,6 +14,8 @@
   computing them at every step. Memory-bank methods (btf) instead report ``fit_seconds`` (features cached
   beforehand) and ``bank_megabytes``, the size of their memory banks.
 * ``stages``: mean seconds per sample of each inference stage.
+* ``predictor_seconds_per_part``: the same path through :class:`utils.predictor.Predictor` (what ``predict.py``
+  does per part: read the files, score, decide, map back to the part's resolution), batch 1.
 * ``roofline``: this process's own dense matmul rate (fp32, and bf16 where the device runs it), measured in the same
   run, and per stage its FLOP count (torch's FLOP counter on the warm-up sample: convolutions and matrix products;
   numpy work such as FPFH counts 0), seconds and the fraction of the fp32 matmul rate it reaches — ratios, because
@@ -51,6 +53,7 @@ from utils.pipeline import (
     DEFAULT_SEED, add_model_arguments, model_option_pairs, open_split, resolve_device, seed_everything, setup_logging,
     valid_mask,
 )
+from utils.predictor import Predictor
 from utils.synthetic import SyntheticConfig, generate_dataset
 
 
@@ -133,6 +136,13 @@ def inference_speed(extractor: MultimodalFeatures, model: Detector, dataset: MVT
     return {"fps": 1.0 / means["total"], "peak_memory_mb": peak, "stages": means, "roofline": roofline}
 
 
+def predictor_seconds(extractor: MultimodalFeatures, model: Detector, dataset: MVTec3DDataset) -> float:
+    """Mean seconds per part of :class:`utils.predictor.Predictor` on the test files (after one warm-up part)."""
+    predictor = Predictor(model, extractor, dataset.class_name, sidecar={})
+    seconds = [predictor(rgb=r.rgb_path, xyz=r.xyz_path).seconds for r in dataset.records]
+    return sum(seconds[1:]) / max(len(seconds) - 1, 1)
+
+
 def fit_seconds(extractor: MultimodalFeatures, model: MemoryBankDetector, dataset: MVTec3DDataset,
                 cache_dir: Path) -> dict[str, float]:
     """Seconds of fitting a memory-bank method on ``dataset`` (features cached beforehand) and its statistics."""
@@ -211,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name:<18} {1000 * seconds:9.1f} ms/sample  {stage['gflop']:9.3f} GFLOP  "
                   f"{100 * stage['fraction_of_fp32_matmul_rate']:6.1f} % of the fp32 matmul rate", flush=True)
         results["n_train"] = len(train)
+        results["predictor_seconds_per_part"] = predictor_seconds(extractor, model, test)
+        print(f"  predictor (files → score, decision, native-resolution map; batch 1): "
+              f"{1000 * results['predictor_seconds_per_part']:.1f} ms/part", flush=True)
         if fitted:
             banks = ", ".join(f"{k} {v:.4g}" for k, v in fitted.items() if k not in ("fit_seconds", "bank_megabytes"))
             print(f"  fit ({results['n_train']} samples, features cached): {fitted['fit_seconds']:.2f} s; memory "
