@@ -24,7 +24,7 @@ from tqdm import tqdm
 from utils.io import InputError
 from utils.mvtec3d import MVTec3DDataset, collate_samples
 from utils.pipeline import setup_logging, xyz_policy
-from utils.predictor import DEFAULT_FALSE_ALARM_RATE, Predictor, calibrate_threshold
+from utils.predictor import DEFAULT_FALSE_ALARM_RATE, Predictor, add_run_arguments, calibrate_threshold
 
 logger = logging.getLogger("calibrate")
 
@@ -74,14 +74,11 @@ def _rate(value: float | None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint_folder", type=Path, required=True, help="the run folder train.py wrote")
+    add_run_arguments(parser)
     parser.add_argument("--class_name", "--class_names", dest="class_names", nargs="+", required=True)
     parser.add_argument("--dataset_path", type=Path, required=True, help="dataset root with <class>/validation/good")
     parser.add_argument("--false_alarm_rate", type=float, default=DEFAULT_FALSE_ALARM_RATE,
                         help="largest share of good parts called anomalous (default 0.01)")
-    parser.add_argument("--epochs_no", type=int, help="the run's epochs when the folder holds several runs")
-    parser.add_argument("--batch_size", type=int, help="the run's batch size when the folder holds several runs")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     args = parser.parse_args(argv)
     if not 0 <= args.false_alarm_rate < 1:
         parser.error("--false_alarm_rate must be in [0, 1)")

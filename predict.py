@@ -27,7 +27,7 @@ import numpy as np
 
 from utils.io import InputError, read_rgb
 from utils.pipeline import setup_logging
-from utils.predictor import PartResult, Predictor
+from utils.predictor import PartResult, Predictor, add_run_arguments
 from utils.visualization import save_tiles
 
 logger = logging.getLogger("predict")
@@ -110,7 +110,7 @@ def ready(parts: dict[str, tuple[Path | None, Path | None]], sizes: dict[Path, i
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint_folder", type=Path, required=True, help="the run folder train.py wrote")
+    add_run_arguments(parser)
     parser.add_argument("--class_name", required=True)
     parser.add_argument("--rgb", type=Path, help="an image file or a folder of images")
     parser.add_argument("--xyz", type=Path, help="a cloud file (.tiff) or a folder of clouds")
@@ -119,9 +119,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--poll_seconds", type=float, default=1.0, help="how often --watch looks for new parts")
     parser.add_argument("--max_parts", type=int, default=0,
                         help="stop after scoring this many parts (0: no limit; --watch runs until Ctrl-C)")
-    parser.add_argument("--epochs_no", type=int, help="the run's epochs when the folder holds several runs")
-    parser.add_argument("--batch_size", type=int, help="the run's batch size when the folder holds several runs")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     args = parser.parse_args(argv)
     if args.rgb is None and args.xyz is None:
         parser.error("give --rgb and/or --xyz")

@@ -41,7 +41,7 @@ from networks.efficientnet_lite import EfficientNetLiteConfig, EfficientNetLiteF
 from networks.fpfh import FPFHConfig, FPFHExtractor
 from networks.point_mae import (
     DEFAULT_POINTMAE_WEIGHTS, POINTMAE_URL, BNMode, PointMAEConfig, PointMAEEncoder, WeightsError,
-    load_pointmae_weights, load_state_dict_checked, read_checkpoint,
+    load_pointmae_weights, load_state_dict_checked, read_state_dict,
 )
 from networks.point_ops import points_to_pixel_map, propagate, three_nn_weights
 from networks.resnet import ResNetConfig, ResNetFeatures, build_resnet
@@ -201,20 +201,9 @@ def _tensor_digest(module: nn.Module) -> str:
 
 def load_rgb_weights(model: VisionTransformer, path: str | Path) -> None:
     """Load a ViT checkpoint (.pth/.pt or .safetensors; timm or original DINO key names) into ``model``."""
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"RGB backbone weights not found at {path} (download: {DINO_URL})")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:
-        state = read_checkpoint(path)
-        for key in ("teacher", "model", "state_dict"):  # full DINO training checkpoints nest the weights
-            if key in state and isinstance(state[key], dict):
-                state = state[key]
-                break
-        state = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state.items()}
+    # full DINO training checkpoints nest the weights (teacher first: the released backbone)
+    state = read_state_dict(path, ("teacher", "model", "state_dict"), f" (RGB backbone; download: {DINO_URL})")
+    state = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state.items()}
     state = {k: v for k, v in checkpoint_filter_fn(state, model).items() if not k.startswith("head.")}
     load_state_dict_checked(model, state, path)
 

@@ -306,6 +306,28 @@ def read_checkpoint(path: str | Path, trust_pickle: bool | None = None) -> Mappi
         raise WeightsError(f"{path}: unreadable checkpoint ({type(err).__name__}: {err})") from None
 
 
+def read_state_dict(path: str | Path, nested: tuple[str, ...] = ("state_dict", "model"),
+                    hint: str = "") -> Mapping[str, object]:
+    """A state dict from a ``.pth``/``.pt`` (:func:`read_checkpoint`; the first of the ``nested`` keys that holds
+    a dict is taken, as training checkpoints nest their weights) or a ``.safetensors`` file.
+
+    Raises:
+        WeightsError: no such file (the message ends with ``hint``), or an unreadable one.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weights not found at {path}{hint}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = read_checkpoint(path)
+    for key in nested:
+        if key in state and isinstance(state[key], dict):
+            return state[key]
+    return state
+
+
 def load_pointmae_weights(model: PointMAEEncoder, path: str | Path) -> None:
     """Load the public Point-MAE pre-training checkpoint (or a compatible one) into ``model``."""
     path = Path(path)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from networks.point_mae import WeightsError, load_state_dict_checked, read_checkpoint
+from networks.point_mae import WeightsError, load_state_dict_checked, read_state_dict
 from utils.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 # Output width of timm's features_only stages 0..4 of the ResNets used here.
@@ -85,19 +85,7 @@ def combine_stages(outputs: list[torch.Tensor], pooling: str = "bilinear", grid:
 
 def load_resnet_weights(model: nn.Module, path: str | Path) -> None:
     """Load a timm or torchvision ResNet state dict (``.pth``/``.safetensors``; same key names) with strict=True."""
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"ResNet weights not found at {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:
-        state = read_checkpoint(path)
-        for key in ("state_dict", "model"):  # training checkpoints nest the weights
-            if key in state and isinstance(state[key], dict):
-                state = state[key]
-                break
+    state = read_state_dict(path, hint=" (--rgb_weights: a timm or torchvision wide_resnet50_2 state dict)")
     load_state_dict_checked(model, {k.removeprefix("module."): v for k, v in state.items()}, path)
 
 

@@ -45,7 +45,7 @@ from networks.fusion import resize_map
 from networks.memory_bank import (
     MemoryBank, MemoryBankDetector, gaussian_blur, nearest_neighbours, orthogonal_matching_pursuit, pil_blur_8bit,
 )
-from networks.point_mae import WeightsError, read_checkpoint
+from networks.point_mae import load_state_dict_checked, read_state_dict
 from networks.point_ops import farthest_point_sample, knn_groups
 from networks.resnet import ResNetConfig
 
@@ -251,12 +251,10 @@ def convert_shape_guided_checkpoint(state: Mapping[str, torch.Tensor]) -> dict[s
 
 
 def load_expert_checkpoint(expert: SDFExpert, path: Path) -> None:
-    from networks.point_mae import load_state_dict_checked
-
-    if not path.is_file():
-        raise WeightsError(f"Shape-Guided expert checkpoint not found at {path} (the authors ship "
-                           "checkpoint/best_ckpt/ckpt_000601.pth in their repository)")
-    load_state_dict_checked(expert, convert_shape_guided_checkpoint(read_checkpoint(path)), path)
+    """Load a trained expert (the authors' ``ckpt_000601.pth`` or one of ours) with strict=True."""
+    state = read_state_dict(path, ("sdf_model",), " (Shape-Guided's authors ship checkpoint/best_ckpt/"
+                                                  "ckpt_000601.pth in their repository)")
+    load_state_dict_checked(expert, convert_shape_guided_checkpoint(state), path)
 
 
 # --- the memories ----------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ sidecar as ``<class>_independent_<E>ep_<B>bs.threshold.json``.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import math
@@ -36,6 +37,15 @@ from utils.transforms import rgb_to_tensor, to_native_resolution, xyz_to_tensor
 logger = logging.getLogger(__name__)
 
 DEFAULT_FALSE_ALARM_RATE = 0.01
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that pick a trained run for the predictor (calibrate.py, predict.py)."""
+    parser.add_argument("--checkpoint_folder", type=Path, required=True,
+                        help="the run folder train.py wrote (<savepath>/<model>_<modality>_seed<seed>)")
+    parser.add_argument("--epochs_no", type=int, help="the run's epochs when the folder holds several runs")
+    parser.add_argument("--batch_size", type=int, help="the run's batch size when the folder holds several runs")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
 
 
 def calibrate_threshold(good_scores: np.ndarray | list[float], false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE
