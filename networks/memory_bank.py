@@ -163,11 +163,12 @@ def orthogonal_matching_pursuit(signals: torch.Tensor, dictionaries: torch.Tenso
     batch, count, _ = atoms.shape
     gram = atoms @ atoms.transpose(1, 2)  # (B, K, K)
     correlation = (atoms @ x[..., None])[..., 0]  # (B, K)
-    rows = torch.arange(batch)
-    support = torch.zeros(batch, 0, dtype=torch.long)
-    coefficients = torch.zeros(batch, 0, dtype=torch.float64)
+    device = atoms.device
+    rows = torch.arange(batch, device=device)
+    support = torch.zeros(batch, 0, dtype=torch.long, device=device)
+    coefficients = torch.zeros(batch, 0, dtype=torch.float64, device=device)
     residual_correlation = correlation.clone()
-    running = torch.ones(batch, dtype=torch.bool)
+    running = torch.ones(batch, dtype=torch.bool, device=device)
     tiny = torch.finfo(torch.float64).tiny
     for _ in range(min(n_nonzero, count)):
         candidate = residual_correlation.abs().argmax(dim=1)
@@ -189,12 +190,12 @@ def orthogonal_matching_pursuit(signals: torch.Tensor, dictionaries: torch.Tenso
                             if support.shape[1] else trial)
         sub_gram = gram[rows[:, None, None], trial[:, :, None], trial[:, None, :]]
         solved = torch.linalg.lstsq(sub_gram, correlation.gather(1, trial)[..., None]).solution[..., 0]
-        previous = torch.cat([coefficients, torch.zeros(batch, 1, dtype=torch.float64)], dim=1)
+        previous = torch.cat([coefficients, torch.zeros(batch, 1, dtype=torch.float64, device=device)], dim=1)
         coefficients = torch.where(running[:, None], solved, previous)
         support = trial
         residual_correlation = correlation - (gram.gather(1, support[:, :, None].expand(-1, -1, count))
                                               * coefficients[..., None]).sum(dim=1)
-    codes = torch.zeros(batch, count, dtype=torch.float64)
+    codes = torch.zeros(batch, count, dtype=torch.float64, device=device)
     if support.shape[1]:
         codes.scatter_add_(1, support, coefficients)
     return codes

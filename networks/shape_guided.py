@@ -224,10 +224,10 @@ def neural_pull_queries(patches: torch.Tensor, generator: torch.Generator) -> tu
     batch, count, _ = patches.shape
     distances = torch.cdist(patches, patches)
     sigma = distances.topk(min(NOISE_NEIGHBOUR, count), dim=-1, largest=False).values[..., -1:]
-    order = torch.rand(batch, count, generator=generator).argsort(dim=1)
+    order = torch.rand(batch, count, generator=generator).argsort(dim=1).to(patches.device)
     near = order < round(QUERY_NOISE[0][0] * count)
     scale = torch.where(near, QUERY_NOISE[0][1], QUERY_NOISE[1][1])[..., None]
-    queries = patches + sigma * scale * torch.randn(patches.shape, generator=generator)
+    queries = patches + sigma * scale * torch.randn(patches.shape, generator=generator).to(patches.device)
     nearest = torch.cdist(queries, patches).argmin(dim=-1)
     return queries, torch.gather(patches, 1, nearest[..., None].expand(-1, -1, 3))
 
@@ -354,10 +354,11 @@ class ShapeGuided(MemoryBankDetector):
 
     def fit(self, batches: Iterable[tuple]) -> dict[str, float]:
         """Train (or load) the expert, build both memories, then align the RGB scores to the SDF scores."""
+        device = self.memory.features.device  # everything on the method's device
         rgb_grids, clouds = [], []
         for f2d, _, _, xyz in batches:
-            rgb_grids.extend(f2d.cpu())
-            clouds.extend(xyz.cpu())
+            rgb_grids.extend(f2d.to(device))
+            clouds.extend(xyz.to(device))
         statistics: dict[str, float] = {}
         if self.sdf_checkpoint is not None:
             load_expert_checkpoint(self.expert, self.sdf_checkpoint)
@@ -372,12 +373,12 @@ class ShapeGuided(MemoryBankDetector):
             codes.append(sample["codes"])
             links.extend(index * cells_per_image + cells for cells in sample["cells"])
         used = torch.unique(torch.cat(links))
-        row_of = torch.full((len(clouds) * cells_per_image,), -1, dtype=torch.long)
-        row_of[used] = torch.arange(len(used))
-        lengths = torch.tensor([len(cells) for cells in links])
+        row_of = torch.full((len(clouds) * cells_per_image,), -1, dtype=torch.long, device=device)
+        row_of[used] = torch.arange(len(used), device=device)
+        lengths = torch.tensor([len(cells) for cells in links], device=device)
         memory = self.memory
         memory.fill(torch.cat(codes))
-        memory.link_offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+        memory.link_offsets = torch.cat([torch.zeros(1, dtype=torch.long, device=device), lengths.cumsum(0)])
         memory.link_rows = row_of[torch.cat(links)]
         memory.rgb = torch.cat(rgb_grids)[used].float()
         memory.alignment = self._alignment(rgb_grids[:ALIGNMENT_SAMPLES], samples[:ALIGNMENT_SAMPLES])
@@ -428,7 +429,7 @@ class ShapeGuided(MemoryBankDetector):
         with torch.no_grad():
             distances = torch.cat([self.expert.sdf(c, p).abs() for c, p in
                                    zip(rebuilt.split(64), sample["patches"].split(64))])
-        sdf_map = torch.full((size * size,), math.inf)
+        sdf_map = torch.full((size * size,), math.inf, device=codes.device)
         sdf_map.scatter_reduce_(0, sample["pixels"].reshape(-1), distances.reshape(-1), reduce="amin")
         sdf_map = torch.where(torch.isinf(sdf_map), 0.0, sdf_map).reshape(size, size)
 
@@ -439,7 +440,7 @@ class ShapeGuided(MemoryBankDetector):
         _, nearest = nearest_neighbours(features, candidates, k=min(RGB_NEIGHBOURS + skip, len(candidates)))
         atoms = candidates[nearest[:, skip:]]
         rebuilt = (orthogonal_matching_pursuit(features, atoms, OMP_ATOMS)[:, None] @ atoms.double())[:, 0].float()
-        residual = torch.zeros(grid * grid)
+        residual = torch.zeros(grid * grid, device=features.device)
         residual[cells] = torch.linalg.vector_norm(features - rebuilt + PAIRWISE_EPS, dim=1)
         rgb_map = resize_map(residual.reshape(1, grid, grid), size, "bilinear")[0]
         return SampleScores(sdf_map, rgb_map, sdf_score, residual.max())
@@ -467,7 +468,8 @@ class ShapeGuided(MemoryBankDetector):
             raise ValueError("shape_guided needs the point clouds (xyz)")
         if len(self.memory) == 0:
             raise RuntimeError("the Shape-Guided memories are empty: fit them (train.py) or load a checkpoint")
-        scores = [self._score(grid, self._patches(cloud)) for grid, cloud in zip(f2d.cpu(), xyz.cpu())]
+        device = self.memory.features.device
+        scores = [self._score(grid, self._patches(cloud)) for grid, cloud in zip(f2d.to(device), xyz.to(device))]
         maps = {"sdf": torch.stack([s.sdf_map for s in scores]), "rgb": torch.stack([s.rgb_map for s in scores])}
         heat = self.fuse(maps, mask, variant)
         sdf_scores, rgb_scores = (torch.stack([getattr(s, n) for s in scores]) for n in ("sdf_score", "rgb_score"))
