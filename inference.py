@@ -80,17 +80,16 @@ def evaluate_class(class_name: str, config: RunConfig, cache: FeatureCache, fusi
             f2d, f3d = cache.features(batch)
             with autocast(device, config.amp):
                 prediction = model.predict(f2d, f3d, valid_mask(batch, f3d, extractor), fusion, xyz=batch.xyz)
-            aupro_map, image_score, pixel_scores = (prediction.maps.float(), prediction.image_scores.float(),
-                                                    prediction.pixel_scores.float())
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+            # one transfer per batch: the device loop above holds no per-sample host synchronisation
+            aupro_map, image_score, pixel_scores = (t.float().cpu().numpy() for t in (
+                prediction.maps, prediction.image_scores, prediction.pixel_scores))
         elapsed = (time.perf_counter() - start) / len(batch)
         for i, record in enumerate(batch.records):
             records.append(record)
             labels.append(record.label)
             image_scores.append(float(image_score[i]))
             seconds.append(elapsed)
-            maps = (aupro_map[i].cpu().numpy(), pixel_scores[i].cpu().numpy())
+            maps = (aupro_map[i], pixel_scores[i])
             if eval_resolution == "native":
                 size = batch.original_sizes[i]
                 maps = tuple(to_native_resolution(m, size) for m in maps)
@@ -101,17 +100,16 @@ def evaluate_class(class_name: str, config: RunConfig, cache: FeatureCache, fusi
             pixel_maps.append(maps[1])
             if report is not None:
                 report.add(class_name, f"{record.defect_type}/{record.stem}", record.label, image_scores[-1],
-                           denormalize_rgb(batch.rgb[i], dataset.normalization), aupro_map[i].cpu().numpy(),
+                           denormalize_rgb(batch.rgb[i], dataset.normalization), aupro_map[i],
                            batch.gt[i, 0].numpy() > 0)
             if save_maps:
                 xyz = None if batch.xyz is None else batch.xyz[i].permute(1, 2, 0).numpy()
                 rgb = denormalize_rgb(batch.rgb[i], dataset.normalization)
-                panels.append((record, rgb, xyz, batch.gt[i, 0].numpy() > 0, aupro_map[i].cpu().numpy(),
-                               image_scores[-1]))
+                panels.append((record, rgb, xyz, batch.gt[i, 0].numpy() > 0, aupro_map[i], image_scores[-1]))
             if save_raw_maps:  # the map for AUPRO at the network size, e.g. for scripts/make_figures.py
                 with atomic_path(run_dir / "maps" / class_name / f"{record.defect_type}_{record.stem}.npy") as tmp:
                     with tmp.open("wb") as handle:
-                        np.save(handle, aupro_map[i].cpu().numpy().astype(np.float32))
+                        np.save(handle, aupro_map[i].astype(np.float32))
 
     metrics = class_metrics(labels, image_scores, gts, aupro_maps, pixel_maps, seconds=float(np.sum(seconds)))
     metrics[PER_DEFECT_KEY] = image_auroc_per_defect([r.defect_type for r in records], labels, image_scores)

@@ -64,21 +64,27 @@ class FPFHConfig:
 def point_spacing(points: np.ndarray, tree: cKDTree | None = None) -> float:
     """Median distance of a point to its nearest other point."""
     tree = cKDTree(points) if tree is None else tree
-    distances, _ = tree.query(points, k=2)
+    distances, _ = tree.query(points, k=2, workers=-1)
     return float(np.median(distances[:, 1]))
 
 
 def radius_neighbours(tree: cKDTree, points: np.ndarray, radius: float, max_nn: int) -> np.ndarray:
     """The ``max_nn`` nearest points within ``radius`` of each point (itself included): (N, max_nn), −1 = none.
 
-    Ties in distance are broken by index, so the result does not depend on the KD-tree's traversal order.
+    Ties in distance are broken by index, so the order does not depend on the KD-tree's traversal (which of
+    several points tied at the ``max_nn``-th place is kept does: scipy's choice).
     """
     k = min(max_nn, len(points))
-    distances, index = tree.query(points, k=k, distance_upper_bound=radius)
+    distances, index = tree.query(points, k=k, distance_upper_bound=radius, workers=-1)
     index = np.where(np.isfinite(distances), index, -1)
-    # Canonical order: distance, then index (scipy's order among equal distances is unspecified).
-    order = np.lexsort((np.where(index < 0, np.iinfo(np.int64).max, index), distances), axis=-1)
-    index = np.take_along_axis(index, order, axis=-1)
+    # Canonical order: distance, then index (scipy's order among equal distances is unspecified). scipy returns
+    # the rows sorted by distance, so only rows with equal distances need sorting.
+    with np.errstate(invalid="ignore"):  # inf − inf past the last neighbour: not a tie
+        tied = np.flatnonzero((np.diff(distances, axis=1) == 0).any(axis=1))
+    if tied.size:
+        rows = index[tied]
+        order = np.lexsort((np.where(rows < 0, np.iinfo(np.int64).max, rows), distances[tied]), axis=-1)
+        index[tied] = np.take_along_axis(rows, order, axis=-1)
     if k < max_nn:
         index = np.pad(index, ((0, 0), (0, max_nn - k)), constant_values=-1)
     return index

@@ -157,3 +157,18 @@ def test_a_cloud_with_too_few_points_is_an_error():
     cloud[0, 1:, 100, 100:110] = torch.tensor([0.02, 0.5])[:, None]
     with pytest.raises(ValueError, match="10 valid points, fewer than the 30"):
         extractor.extract_xyz_parts(cloud)
+
+
+def test_radius_neighbours_break_distance_ties_by_index():
+    """On a regular grid most distances tie: the neighbours come sorted by distance, then index (brute force)."""
+    from scipy.spatial import cKDTree
+
+    from networks.fpfh import radius_neighbours
+
+    u, v = np.meshgrid(np.arange(12.0), np.arange(12.0))
+    points = np.stack([u.ravel(), v.ravel(), np.zeros(u.size)], axis=1)
+    neighbours = radius_neighbours(cKDTree(points), points, radius=2.5, max_nn=25)  # 21 at most inside: no cut
+    for i in range(len(points)):
+        distance = np.linalg.norm(points - points[i], axis=1)
+        inside = [j for j in np.lexsort((np.arange(len(points)), distance)) if distance[j] <= 2.5]
+        assert neighbours[i].tolist() == inside + [-1] * (25 - len(inside))
