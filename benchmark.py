@@ -11,7 +11,8 @@
   warm-up sample.
 * ``peak_memory_mb``: CUDA — the allocator's peak during inference; CPU — the process's peak resident memory.
 * ``train_epoch_seconds_cached`` / ``_uncached``: one training epoch (batch size 1) reading features from the cache /
-  computing them at every step. Memory-bank methods (btf) instead report ``fit_seconds`` (features cached
+  computing them at every step; ``snapshot_seconds`` / ``snapshot_megabytes``: writing the resume state after an
+  epoch (modules and Adam moments). Memory-bank methods (btf) instead report ``fit_seconds`` (features cached
   beforehand) and ``bank_megabytes``, the size of their memory banks.
 * ``stages``: mean seconds per sample of each inference stage.
 * ``predictor_seconds_per_part``: the same path through :class:`utils.predictor.Predictor` (what ``predict.py``
@@ -46,6 +47,7 @@ from networks.detectors import build_detector, extractor_config, parse_model_opt
 from networks.features import PRESETS, MultimodalFeatures
 from networks.memory_bank import MemoryBankDetector
 from train import make_optimizers, optimisation_step
+from utils.checkpoints import save_resume_state
 from utils.feature_cache import FeatureCache
 from utils.io import write_text_atomic
 from utils.mvtec3d import MVTec3DDataset, collate_samples, make_dataloader
@@ -159,9 +161,10 @@ def fit_seconds(extractor: MultimodalFeatures, model: MemoryBankDetector, datase
     return {"fit_seconds": _clock(extractor.device) - start, **statistics}
 
 
-def epoch_seconds(extractor: MultimodalFeatures, model: Detector, dataset: MVTec3DDataset, cache_dir: Path | None
-                  ) -> float:
-    """Seconds of one training epoch (batch size 1); with a cache directory the cache is filled beforehand."""
+def epoch_seconds(extractor: MultimodalFeatures, model: Detector, dataset: MVTec3DDataset, cache_dir: Path | None,
+                  snapshot_to: Path | None = None) -> tuple[float, float | None]:
+    """Seconds of one training epoch (batch size 1), and of writing the resume state after it (modules and Adam
+    moments, as train.py does) to ``snapshot_to``; with a cache directory the cache is filled beforehand."""
     cache = FeatureCache(extractor, cache_dir)
     cache.precompute(dataset)
     model.train()
@@ -169,7 +172,13 @@ def epoch_seconds(extractor: MultimodalFeatures, model: Detector, dataset: MVTec
     start = _clock(extractor.device)
     for batch in make_dataloader(dataset, 1, shuffle=True):
         optimisation_step(model, optimizers, cache, batch)
-    return _clock(extractor.device) - start
+    epoch = _clock(extractor.device) - start
+    if snapshot_to is None:
+        return epoch, None
+    start = time.perf_counter()
+    save_resume_state(snapshot_to, {"modules": {n: m.state_dict() for n, m in model.trainable().items()},
+                                    "optimizers": {n: o.state_dict() for n, o in optimizers.items()}})
+    return epoch, time.perf_counter() - start
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -229,10 +238,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  fit ({results['n_train']} samples, features cached): {fitted['fit_seconds']:.2f} s; memory "
                   f"banks {fitted['bank_megabytes']:.1f} MB ({banks})")
         else:
-            results["train_epoch_seconds_cached"] = epoch_seconds(extractor, model, train, Path(tmp) / "cache")
-            results["train_epoch_seconds_uncached"] = epoch_seconds(extractor, model, train, None)
+            snapshot = Path(tmp) / "resume.pth"
+            results["train_epoch_seconds_cached"], results["snapshot_seconds"] = epoch_seconds(
+                extractor, model, train, Path(tmp) / "cache", snapshot)
+            results["snapshot_megabytes"] = snapshot.stat().st_size / 2**20
+            results["train_epoch_seconds_uncached"] = epoch_seconds(extractor, model, train, None)[0]
             print(f"  training epoch ({results['n_train']} samples): {results['train_epoch_seconds_cached']:.2f} s "
-                  f"cached, {results['train_epoch_seconds_uncached']:.2f} s uncached")
+                  f"cached, {results['train_epoch_seconds_uncached']:.2f} s uncached; resume state "
+                  f"{results['snapshot_megabytes']:.0f} MB written in {results['snapshot_seconds']:.2f} s "
+                  f"({results['snapshot_seconds'] / results['train_epoch_seconds_cached']:.2f} × a cached epoch: "
+                  "space snapshots with train.py --snapshot_epochs when that is large)")
     if args.out:
         write_text_atomic(args.out, json.dumps(results, indent=2) + "\n")
     return 0

@@ -5,7 +5,7 @@
         [--modality rgbxyz|rgb|xyz] [--epochs_no 50] [--batch_size 1]
         [--checkpoint_savepath checkpoints/CMDR_IAD_checkpoints] [--preset paper|lite|tiny]
         [--rgb_weights F] [--pointmae_weights F] [--random_init] [--cache_dir DIR] [--device auto|cpu|cuda]
-        [--seed 115] [--snapshot_minutes 10] [--amp] [--resume]
+        [--seed 115] [--snapshot_epochs 1] [--snapshot_minutes 10] [--amp] [--resume]
 
 Frozen features are computed once per sample and cached; an epoch then costs only the trainable modules. One
 loop serves every method: the method gives its named losses and its optimiser groups (CMDR-IAD: one Adam and
@@ -13,8 +13,8 @@ one masked cosine loss per module). Checkpoints go to the run folder of (model, 
 holding the run identity; a folder holding another run's files is never overwritten (the error names the fields
 that differ). With ``--resume`` a class whose identical run finished is skipped and an interrupted one continues
 from where it stopped, with the same result as an uninterrupted run. The training state is saved after every
-epoch, every ``--snapshot_minutes`` inside an epoch, and at Ctrl-C (which lets the current step finish first, then
-prints the command that continues).
+``--snapshot_epochs`` epochs (default: every one), every ``--snapshot_minutes`` inside an epoch, and at Ctrl-C
+(which lets the current step finish first, then prints the command that continues).
 """
 
 from __future__ import annotations
@@ -304,8 +304,10 @@ def train_epochs(model: Detector, class_name: str, config: RunConfig, cache: Fea
                 logger.info("%s epoch %d/%d: %s", class_name, epoch + 1, config.epochs_no,
                             ", ".join(f"{name} {value:.4f}" for name, value in epoch_losses.items()))
                 position = TrainingPosition(epoch + 1, 0, loader.generator.get_state())
-                snapshot(position, rng)
-                last_snapshot = time.monotonic()
+                # every N-th epoch; never after the last one: the checkpoints are written next
+                if epoch + 1 < config.epochs_no and (epoch + 1) % config.snapshot_epochs == 0:
+                    snapshot(position, rng)
+                    last_snapshot = time.monotonic()
         except KeyboardInterrupt:
             if not interrupt.forced:
                 snapshot(position, rng)  # the state after the last finished step

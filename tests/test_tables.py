@@ -119,7 +119,7 @@ def test_benchmark_writes_the_table4_keys(tmp_path: Path, model: str):
     results = json.loads(out.read_text())
     assert results["model"] == model
     training = ("fit_seconds", "bank_megabytes") if model in ("btf", "shape_guided") else \
-        ("train_epoch_seconds_cached", "train_epoch_seconds_uncached")
+        ("train_epoch_seconds_cached", "train_epoch_seconds_uncached", "snapshot_seconds", "snapshot_megabytes")
     for key in ("fps", "peak_memory_mb", "predictor_seconds_per_part", *training):
         assert results[key] > 0
     assert set(results["stages"]) == {"load", "features", "method", "total"}

@@ -416,3 +416,21 @@ def test_memory_bank_fit_round_trip_and_ctrl_c(synthetic_root: Path, tmp_path: P
     assert run_inference(synthetic_root, tmp_path, "--model", "btf") == 0
     metrics = json.loads((tmp_path / "results" / "run" / "metrics.json").read_text())
     assert 0 <= metrics["classes"]["dome"]["I-AUROC"] <= 1
+
+
+def test_snapshot_epochs_space_out_the_saved_states(synthetic_root: Path, trained: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch):
+    """--snapshot_epochs 2 writes no state after epoch 1 of 2 (and none after the last epoch ever): a crash in epoch
+    2 then restarts from scratch, still to the uninterrupted weights; with the default the state after epoch 1 is
+    there."""
+    steps_per_epoch = len(list((synthetic_root / "dome" / "train" / "good" / "rgb").iterdir()))
+    for every, expected in ((2, None), (1, (1, 0))):
+        work = tmp_path / f"every{every}"
+        _at_call(monkeypatch, steps_per_epoch + 2, lambda: _raise(RuntimeError("killed")))
+        with pytest.raises(RuntimeError, match="killed"):
+            run_train(synthetic_root, work, "--snapshot_epochs", str(every))
+        path = resume_path(work / "ckpt", "dome", EPOCHS, 1)
+        state = torch.load(path, weights_only=True) if path.is_file() else None
+        assert (None if state is None else (state["epoch"], state["step"])) == expected
+        monkeypatch.undo()
+        assert_resumes_to_the_uninterrupted_weights(synthetic_root, trained, work)

@@ -57,6 +57,7 @@ class RunConfig:
     seed: int = DEFAULT_SEED
     num_workers: int = 0
     snapshot_minutes: float = SNAPSHOT_MINUTES
+    snapshot_epochs: int = 1  # training state saved after every N-th epoch (resuming stays bit-identical)
     amp: bool = False  # bf16 autocast of the method's modules (training and inference)
 
     @classmethod
@@ -132,6 +133,9 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, training: bool) -> Non
         parser.add_argument("--epochs_no", type=int, default=50,
                             help="training epochs (memory-bank methods such as btf are fitted in one pass: 1)")
         parser.add_argument("--batch_size", type=int, default=1, help="training batch size")
+        parser.add_argument("--snapshot_epochs", type=int, default=1,
+                            help="save the training state after every this many epochs (default 1; a paper-size "
+                                 "state with Adam's moments is ≈1 GB: benchmark.py reports its cost)")
         parser.add_argument("--snapshot_minutes", type=float, default=SNAPSHOT_MINUTES,
                             help="also save the training state inside an epoch every this many minutes (and at "
                                  "Ctrl-C); a paper-size epoch is hours on a CPU")
@@ -174,7 +178,7 @@ def parse_run_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> a
     args = parser.parse_args(argv)
     if args.cache_dir is not None and str(args.cache_dir).lower() == "none":
         args.cache_dir = None
-    for flag in ("epochs_no", "batch_size", "eval_batch_size"):
+    for flag in ("epochs_no", "batch_size", "eval_batch_size", "snapshot_epochs"):
         if (value := getattr(args, flag, None)) is not None and value < 1:
             parser.error(f"--{flag} must be at least 1")
     if hasattr(args, "model"):
