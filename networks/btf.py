@@ -75,11 +75,11 @@ class BTF(MemoryBankDetector):
         patches = torch.cat([self.patches(f2d, f3d).flatten(0, 1).cpu() for f2d, f3d, *_ in batches])
         keep = greedy_coreset(patches, self.coreset)
         self.bank.fill(patches[keep])
-        return {"training_patches": len(patches), "bank_size": len(self.bank),
+        return {"training_patches": len(patches), "bank_size": self.bank.rows,
                 "bank_megabytes": self.bank.features.nelement() * 4 / 2**20}
 
     def _nearest(self, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if len(self.bank) == 0:
+        if self.bank.rows == 0:
             raise RuntimeError("the BTF memory bank is empty: fit it (train.py) or load a checkpoint")
         distances, indices = nearest_neighbours(patches, self.bank.features)
         return distances[:, 0], indices[:, 0]

@@ -9,6 +9,8 @@ functions, each checked in the tests against a brute-force computation:
   ``get_coreset_idx_randomp``), starting from index 0;
 * :func:`nearest_neighbours` — exact k-nearest-neighbour search, in chunks of the bank to bound memory;
 * :func:`reweighted_image_score` — PatchCore's re-weighting of the largest patch distance;
+* :func:`orthogonal_matching_pursuit` — sparse codes over per-signal dictionaries (Shape-Guided's rebuilds), as
+  scikit-learn's ``sparse_encode(algorithm="omp")``;
 * :func:`gaussian_blur` — the σ = 4 blur of the maps (exact float), and :func:`pil_blur_8bit`, the references'
   blur through an 8-bit PIL image (an option: it rounds the map to 256 levels and creates ties).
 """
@@ -45,7 +47,9 @@ class MemoryBank(nn.Module):
         super().__init__()
         self.register_buffer("features", torch.zeros(0, dim))
 
-    def __len__(self) -> int:
+    @property
+    def rows(self) -> int:
+        """Entries in the bank (not ``__len__``: an empty module must not be falsy)."""
         return self.features.shape[0]
 
     def fill(self, features: torch.Tensor) -> None:

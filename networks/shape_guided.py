@@ -382,7 +382,7 @@ class ShapeGuided(MemoryBankDetector):
         memory.link_rows = row_of[torch.cat(links)]
         memory.rgb = torch.cat(rgb_grids)[used].float()
         memory.alignment = self._alignment(rgb_grids[:ALIGNMENT_SAMPLES], samples[:ALIGNMENT_SAMPLES])
-        return {**statistics, "sdf_memory": len(memory), "rgb_memory": len(memory.rgb),
+        return {**statistics, "sdf_memory": memory.rows, "rgb_memory": len(memory.rgb),
                 "alignment_weight": float(memory.alignment[0]), "alignment_bias": float(memory.alignment[1]),
                 "bank_megabytes": sum(b.nelement() * b.element_size() for b in memory.buffers()) / 2**20}
 
@@ -421,7 +421,7 @@ class ShapeGuided(MemoryBankDetector):
         memory, skip = self.memory, int(leave_self_out)
         size = self.config.img_size
         codes = sample["codes"]
-        _, near = nearest_neighbours(codes, memory.features, k=min(SDF_NEIGHBOURS + skip, len(memory)))
+        _, near = nearest_neighbours(codes, memory.features, k=min(SDF_NEIGHBOURS + skip, memory.rows))
         near = near[:, skip:]
         atoms = memory.features[near]
         rebuilt = (orthogonal_matching_pursuit(codes, atoms, OMP_ATOMS)[:, None] @ atoms.double())[:, 0].float()
@@ -466,7 +466,7 @@ class ShapeGuided(MemoryBankDetector):
         (``sdf_only``: s_sdf; ``rgb_only``: s_rgb)."""
         if xyz is None:
             raise ValueError("shape_guided needs the point clouds (xyz)")
-        if len(self.memory) == 0:
+        if self.memory.rows == 0:
             raise RuntimeError("the Shape-Guided memories are empty: fit them (train.py) or load a checkpoint")
         device = self.memory.features.device
         scores = [self._score(grid, self._patches(cloud)) for grid, cloud in zip(f2d.to(device), xyz.to(device))]
