@@ -28,7 +28,7 @@ import numpy as np
 from utils.io import InputError, read_rgb
 from utils.pipeline import setup_logging
 from utils.predictor import PartResult, Predictor, add_run_arguments
-from utils.visualization import save_tiles
+from utils.visualization import overlay, save_tiles
 
 logger = logging.getLogger("predict")
 
@@ -56,6 +56,14 @@ def find_parts(rgb: Path | None, xyz: Path | None) -> dict[str, tuple[Path | Non
     return {name: (images.get(name), clouds.get(name)) for name in sorted(set(images) | set(clouds))}
 
 
+def _parse(line: str) -> dict | None:
+    """A results.jsonl line; None for a blank or cut one (a crash mid-line: that part is scored again)."""
+    try:
+        return json.loads(line) if line.strip() else None
+    except json.JSONDecodeError:
+        return None
+
+
 class ResultWriter:
     """Appends one line per part to results.csv / results.jsonl and writes its overlay; knows the parts done."""
 
@@ -65,7 +73,7 @@ class ResultWriter:
         if out is not None:
             out.mkdir(parents=True, exist_ok=True)
             lines = (out / "results.jsonl").read_text().splitlines() if (out / "results.jsonl").is_file() else []
-            self.done = {json.loads(line)["part"] for line in lines if line.strip()}
+            self.done = {record["part"] for record in map(_parse, lines) if record}
 
     def write(self, result: PartResult, image: Path | None) -> None:
         record = result.record()
@@ -81,13 +89,13 @@ class ResultWriter:
             writer.writeheader()
         writer.writerow(record)
         for path, text in ((csv_path, row.getvalue()), (self.out / "results.jsonl", json.dumps(record) + "\n")):
-            with path.open("a") as handle:  # one whole line per write: a crash loses at most the current part
-                handle.write(text)
+            with path.open("a+b") as handle:  # one whole line per write: a crash loses at most the current part
+                if handle.tell() and (handle.seek(-1, 2), handle.read(1))[1] != b"\n":
+                    text = "\n" + text  # after a line cut by a crash
+                handle.write(text.encode())
         self.done.add(result.name)
 
     def _overlay(self, result: PartResult, image: Path) -> None:
-        from utils.visualization import overlay
-
         rgb = read_rgb(image)
         scale = self.map_scale or float(result.anomaly_map.max()) or 1.0
         heat = np.clip(result.anomaly_map / scale, 0, 1)

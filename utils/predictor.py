@@ -104,9 +104,10 @@ class Predictor:
     """
 
     def __init__(self, model: Detector, extractor: MultimodalFeatures, class_name: str, sidecar: dict,
-                 threshold: dict | None = None) -> None:
+                 threshold: dict | None = None, run: tuple[Path, int, int] | None = None) -> None:
         self.model, self.extractor, self.class_name = model.eval(), extractor, class_name
         self.sidecar, self.calibration = sidecar, threshold
+        self.run = run  # (run folder, epochs, batch size) of a loaded run: where its calibration is stored
 
     @property
     def threshold(self) -> float | None:
@@ -140,9 +141,7 @@ class Predictor:
         load_modules(model.trainable(), run_dir, class_name, epochs, batch, expected=model_identity(extractor, model))
         path = threshold_path(run_dir, class_name, epochs, batch)
         threshold = json.loads(path.read_text()) if path.is_file() else None
-        predictor = cls(model, extractor, class_name, sidecar, threshold)
-        predictor.run = (run_dir, epochs, batch)
-        return predictor
+        return cls(model, extractor, class_name, sidecar, threshold, (run_dir, epochs, batch))
 
     # --- scoring -----------------------------------------------------------------------------------------------
 
@@ -201,6 +200,9 @@ class Predictor:
                           seconds=time.perf_counter() - start)
 
     def save_calibration(self, calibration: dict) -> Path:
+        """Store ``calibration`` (its ``threshold`` and statistics) with the run, atomically; returns the file."""
+        if self.run is None:
+            raise ValueError("this predictor was not loaded from a run folder (Predictor.load): nowhere to store")
         run_dir, epochs, batch = self.run
         path = threshold_path(run_dir, self.class_name, epochs, batch)
         write_text_atomic(path, json.dumps(calibration, indent=2, sort_keys=True) + "\n")
