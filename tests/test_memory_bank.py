@@ -195,3 +195,29 @@ def test_orthogonal_matching_pursuit_equals_scikit_learn():
             expected = np.stack([sparse_encode(x[i : i + 1], atoms[i], algorithm="omp", n_nonzero_coefs=3)[0]
                                  for i in range(len(x))])
         assert np.allclose(ours, expected, atol=1e-10)
+
+
+def test_btf_paper_preset_runs_from_a_user_weights_file(synthetic_root, tmp_path, offline_without_weights, caplog):
+    """BTF at paper size (Wide-ResNet-50-2 layer 2 + 3 + FPFH) from a weights file the user gives, end to end; the
+    same command without the file, offline, fails at once naming what is missing and the flag."""
+    import json as json_module
+
+    import timm
+
+    import inference
+    import train
+
+    weights = tmp_path / "wide_resnet50_2.pth"
+    torch.save(timm.create_model("wide_resnet50_2", pretrained=False).state_dict(), weights)
+    common = ["--dataset_path", str(synthetic_root), "--model", "btf", "--preset", "paper", "--device", "cpu",
+              "--cache_dir", str(tmp_path / "cache")]
+    assert train.main([*common, "--class_name", "dome", "--rgb_weights", str(weights),
+                       "--checkpoint_savepath", str(tmp_path / "ckpt")]) == 0
+    sidecar = json_module.loads(next((tmp_path / "ckpt" / "btf_rgbxyz_seed115" / "dome").glob("*.json")).read_text())
+    assert sidecar["extractor_config"]["rgb"]["architecture"] == "wide_resnet50_2"
+    assert sidecar["extractor"]["rgb_weights"] == str(weights)
+    assert inference.main([*common, "--class_names", "dome", "--checkpoint_folder", str(tmp_path / "ckpt"),
+                           "--results_dir", str(tmp_path / "r"), "--run_name", "paper"]) == 0  # weights adopted
+    assert (tmp_path / "r" / "paper" / "metrics.json").is_file()
+    assert train.main([*common, "--class_name", "dome", "--checkpoint_savepath", str(tmp_path / "other")]) == 1
+    assert "wide_resnet50_2.racm_in1k" in caplog.text and "--rgb_weights FILE" in caplog.text
