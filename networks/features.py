@@ -38,7 +38,7 @@ from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_
 from torch import nn
 
 from networks.efficientnet_lite import EfficientNetLiteConfig, EfficientNetLiteFeatures, build_efficientnet
-from networks.fpfh import FPFHConfig, FPFHExtractor
+from networks.fpfh import FPFH_VERSION, FPFHConfig, FPFHExtractor
 from networks.point_mae import (
     DEFAULT_POINTMAE_WEIGHTS, POINTMAE_URL, BNMode, PointMAEConfig, PointMAEEncoder, WeightsError,
     load_pointmae_weights, load_state_dict_checked, read_state_dict,
@@ -57,8 +57,9 @@ XYZ_INIT_SEED = 1
 
 
 # Version of what turns input files into features beyond the configuration and weights (transforms, point
-# operations, FPFH, pooling). Bump it whenever a code change alters feature values: cache entries written under
-# another version are recomputed instead of served stale.
+# operations, pooling). Bump it whenever a code change alters feature values: cache entries written under
+# another version are recomputed instead of served stale. FPFH has its own (networks.fpfh.FPFH_VERSION, in the
+# fingerprint of its branch), so that a change there leaves the paper preset's caches valid.
 FEATURE_PIPELINE_VERSION = 1
 
 
@@ -414,6 +415,8 @@ class MultimodalFeatures(nn.Module):
                 settings["stage_pooling"] = self.config.stage_pooling
             if branch == "xyz" and isinstance(self.config.xyz, PointMAEConfig):
                 settings["bn_mode"] = self.config.bn_mode
+            if branch == "xyz" and isinstance(self.config.xyz, FPFHConfig):
+                settings["fpfh_version"] = FPFH_VERSION
             digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
             digest.update(_tensor_digest(backbone).encode())
             self._fingerprints[branch] = digest.hexdigest()

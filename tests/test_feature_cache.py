@@ -70,6 +70,18 @@ def test_another_feature_pipeline_version_recomputes(extractor: MultimodalFeatur
     assert (cache.hits, cache.misses) == (8, 8), "the recomputed entries carry the new version"
 
 
+def test_another_fpfh_version_changes_only_the_fpfh_fingerprint(monkeypatch: pytest.MonkeyPatch):
+    """FPFH carries its own implementation version: a change there invalidates lite's 3D cache entries only."""
+    lite = MultimodalFeatures("lite")
+    tiny = MultimodalFeatures("tiny", random_init=True)
+    before = {name: (e.fingerprint("rgb"), e.fingerprint("xyz")) for name, e in (("lite", lite), ("tiny", tiny))}
+    monkeypatch.setattr("networks.features.FPFH_VERSION", 99)
+    lite, tiny = MultimodalFeatures("lite"), MultimodalFeatures("tiny", random_init=True)
+    assert (lite.fingerprint("rgb"), tiny.fingerprint("rgb"), tiny.fingerprint("xyz")) == (
+        before["lite"][0], before["tiny"][0], before["tiny"][1])
+    assert lite.fingerprint("xyz") != before["lite"][1]
+
+
 def test_changed_configuration_never_reuses_entries(extractor: MultimodalFeatures, batch, tmp_path: Path):
     FeatureCache(extractor, tmp_path).features(batch)
     other = MultimodalFeatures("tiny", random_init=True, bn_mode="running")

@@ -107,8 +107,12 @@ def loop_fpfh(points: np.ndarray, config: FPFHConfig) -> np.ndarray:
     return fpfh
 
 
-@pytest.mark.parametrize("config", [FPFHConfig(), FPFHConfig(normal_radius=2.5, normal_max_nn=10,
-                                                                feature_radius=3.0, feature_max_nn=25)])
+@pytest.mark.parametrize("config", [
+    FPFHConfig(),
+    FPFHConfig(normal_radius=2.5, normal_max_nn=10, feature_radius=3.0, feature_max_nn=25),
+    # normal neighbourhoods larger than the histograms': searched on their own, not read from the others
+    FPFHConfig(normal_radius=4.0, normal_max_nn=30, feature_radius=3.0, feature_max_nn=20),
+], ids=["default", "small", "normals_wider"])
 def test_fpfh_equals_a_plain_per_point_loop(config: FPFHConfig):
     points = bumpy_patch()
     expected = loop_fpfh(points, config)
@@ -118,6 +122,21 @@ def test_fpfh_equals_a_plain_per_point_loop(config: FPFHConfig):
     # every point's three sub-histograms: its SPFH (100 each, unless it has no neighbour) + 100 from the others
     sums = actual.reshape(len(points), 3, 11).sum(axis=2)
     assert np.allclose(sums, 200.0)
+
+
+def test_fpfh_does_not_depend_on_threads_or_blocks(monkeypatch: pytest.MonkeyPatch):
+    """Rows are computed in blocks on several threads: neither changes a bit."""
+    points = bumpy_patch(n_side=30)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one_thread = compute_fpfh(points)
+        torch.set_num_threads(max(threads, 2))
+        monkeypatch.setattr("networks.fpfh._PAIRS_PER_BLOCK", 700)  # 7 rows per block (100 pairs each)
+        monkeypatch.setattr("networks.fpfh._NORMAL_BLOCK", 50)
+        np.testing.assert_array_equal(compute_fpfh(points), one_thread)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_repeated_points_count_once():
