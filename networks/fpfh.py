@@ -139,9 +139,11 @@ def _block_normals(points: np.ndarray, neighbours: np.ndarray, sensor: np.ndarra
     valid = block >= 0
     count = valid.sum(axis=1)
     gathered = points[np.where(valid, block, 0)]  # (n, K, 3)
-    weight = valid[..., None].astype(np.float64)
-    mean = (gathered * weight).sum(axis=1) / count[:, None]
-    centred = (gathered - mean[:, None]) * weight
+    weight = valid.astype(np.float64)[:, None, :]  # (n, 1, K): sums over the neighbours as matrix products
+    mean = np.matmul(weight, gathered) / count[:, None, None]  # (n, 1, 3)
+    centred = gathered - mean
+    if not valid.all():
+        centred *= weight.transpose(0, 2, 1)
     covariance = np.matmul(centred.transpose(0, 2, 1), centred) / count[:, None, None]
     _, vectors = np.linalg.eigh(covariance)  # eigenvalues ascending
     normals = vectors[:, :, 0]
