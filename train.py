@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import shlex
 import signal
 import sys
@@ -62,8 +63,10 @@ def optimisation_step(model: Detector, optimizers: dict[str, torch.optim.Optimiz
     with autocast(cache.extractor.device, amp):
         losses = {name: loss.float() for name, loss in
                   model.losses(f2d, f3d, valid_mask(batch, f3d, cache.extractor)).items()}
+    # The step's one host synchronisation: every loss value at once (they decide which groups step, and are logged)
+    values = dict(zip(losses, torch.stack([loss.detach() for loss in losses.values()]).tolist()))
     stepping = {name: group.losses or tuple(losses) for name, group in model.optimizer_groups().items()
-                if all(torch.isfinite(losses[loss]) for loss in (group.losses or losses))}
+                if all(math.isfinite(values[loss]) for loss in (group.losses or losses))}
     driving = {loss for names in stepping.values() for loss in names}
     for optimizer in optimizers.values():
         optimizer.zero_grad(set_to_none=True)
@@ -71,7 +74,7 @@ def optimisation_step(model: Detector, optimizers: dict[str, torch.optim.Optimiz
         sum(loss for name, loss in losses.items() if name in driving).backward()
     for name in stepping:
         optimizers[name].step()
-    return {name: loss.item() if name in driving else None for name, loss in losses.items()}
+    return {name: values[name] if name in driving else None for name in losses}
 
 
 def make_optimizers(model: Detector) -> dict[str, torch.optim.Optimizer]:

@@ -434,3 +434,30 @@ def test_snapshot_epochs_space_out_the_saved_states(synthetic_root: Path, traine
         assert (None if state is None else (state["epoch"], state["step"])) == expected
         monkeypatch.undo()
         assert_resumes_to_the_uninterrupted_weights(synthetic_root, trained, work)
+
+
+def test_a_non_finite_loss_skips_only_its_own_module():
+    """optimisation_step reads all losses in one host transfer; a module whose loss is NaN keeps its weights (and
+    has no Adam state), the others step, and the NaN loss is reported as None."""
+    config = PRESETS["tiny"]
+    model = CMDRIAD(config)
+    grid = config.grid_size**2
+    f2d, f3d = torch.randn(2, grid, config.rgb_dim), torch.randn(2, grid, config.xyz_dim)
+    extractor = type("Extractor", (), {"device": torch.device("cpu"), "grid_size": config.grid_size})()
+    cache = type("Cache", (), {"extractor": extractor, "features": lambda self, batch: (f2d, f3d)})()
+    real_losses = model.losses
+
+    def one_nan(*args):
+        losses = real_losses(*args)
+        return {**losses, "Dec2D": losses["Dec2D"] * float("nan")}
+
+    model.losses = one_nan
+    optimizers = train.make_optimizers(model)
+    before = {name: {k: v.clone() for k, v in module.named_parameters()} for name, module in model.trainable().items()}
+    losses = train.optimisation_step(model, optimizers, cache, batch=None)
+    assert losses["Dec2D"] is None
+    assert all(isinstance(losses[name], float) for name in losses if name != "Dec2D")
+    for name, module in model.trainable().items():
+        unchanged = all(torch.equal(before[name][k], v) for k, v in module.named_parameters())
+        assert unchanged == (name == "Dec2D"), name
+    assert not optimizers["Dec2D"].state
