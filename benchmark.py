@@ -3,6 +3,7 @@
     python benchmark.py --preset paper|lite|tiny [--model cmdr|cfm|mafr|btf|shape_guided]
         [--model_option K=V] [--random_init]
         [--device cpu|cuda] [--out FILE] [--dataset_path D --class_name C] [--rgb_weights F] [--pointmae_weights F]
+        [--train_memory]
 
 * ``fps``: inference as the paper measures it — the whole pipeline from loading a test sample to its scores
   (read and transform the files, both frozen extractors without cache, the ``method`` stage: its modules and
@@ -15,6 +16,11 @@
   epoch (modules and Adam moments). Memory-bank methods (btf) instead report ``fit_seconds`` (features cached
   beforehand) and ``bank_megabytes``, the size of their memory banks.
 * ``stages``: mean seconds per sample of each inference stage.
+* ``--train_memory`` (instead of everything else): ``train_step_peak_memory_mb`` and ``train_step_seconds``, the
+  peak and the time of one training step (forward, backward, Adam step) of the method's modules on random
+  features of the preset's shapes, for batch sizes 1 and 2, without and with ``train.py
+  --activation_checkpointing``, each in a fresh process (CPU: its peak resident memory; CUDA: the allocator's
+  peak); a step that does not fit is reported as such.
 * ``predictor_seconds_per_part``: the same path through :class:`utils.predictor.Predictor` (what ``predict.py``
   does per part: read the files, score, decide, map back to the part's resolution), batch 1.
 * ``roofline``: this process's own dense matmul rate (fp32, and bf16 where the device runs it), measured in the same
@@ -32,18 +38,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import resource
 import sys
 import tempfile
 import time
 from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from networks.activation_checkpointing import set_activation_checkpointing
 from networks.detector import Detector
-from networks.detectors import build_detector, extractor_config, parse_model_options
+from networks.detectors import build_detector, detector_class, extractor_config, parse_model_options
 from networks.features import PRESETS, MultimodalFeatures
 from networks.memory_bank import MemoryBankDetector
 from train import make_optimizers, optimisation_step
@@ -181,6 +191,58 @@ def epoch_seconds(extractor: MultimodalFeatures, model: Detector, dataset: MVTec
     return epoch, time.perf_counter() - start
 
 
+def training_step_peak_mb(model_name: str, preset: str, options: dict, batch_size: int, checkpointing: bool,
+                          device: torch.device) -> tuple[float, float]:
+    """Peak memory (MB) and seconds of one training step of the method's modules — forward, backward, Adam step —
+    on random features of the preset's shapes, measured in a fresh process (CPU: its peak resident memory, which
+    includes the ≈0.4 GB of an imported torch; CUDA: the allocator's peak)."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        task = pool.submit(_training_step_peak, model_name, preset, options, batch_size, checkpointing, str(device))
+        return task.result()
+
+
+def _training_step_peak(model_name: str, preset: str, options: dict, batch_size: int, checkpointing: bool,
+                        device_name: str) -> tuple[float, float]:
+    device = torch.device(device_name)
+    seed_everything(DEFAULT_SEED)
+    config = extractor_config(preset, model_name)
+    model = build_detector(model_name, config, **options).to(device).train()
+    set_activation_checkpointing(model, checkpointing)
+    pixels = config.grid_size**2
+    f2d = torch.randn(batch_size, pixels, config.rgb_dim, device=device)
+    f3d = torch.randn(batch_size, pixels, config.xyz_dim, device=device)
+    mask = torch.ones(batch_size, pixels, dtype=torch.bool, device=device)
+    optimizers = make_optimizers(model)
+    start = _clock(device)
+    sum(model.losses(f2d, f3d, mask).values()).backward()
+    for optimizer in optimizers.values():
+        optimizer.step()  # allocates Adam's moments, as every real step holds them
+    seconds = _clock(device) - start
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, seconds
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, seconds
+
+
+def train_memory(args: argparse.Namespace, options: dict, device: torch.device) -> dict:
+    """``--train_memory``: the training step's peak for batch sizes 1 and 2, without and with activation
+    checkpointing (``train.py --activation_checkpointing``)."""
+    peaks, seconds = {}, {}
+    for batch_size in (1, 2):
+        for checkpointing in (False, True):
+            key = f"batch_{batch_size}" + ("_checkpointed" if checkpointing else "")
+            try:
+                peaks[key], seconds[key] = training_step_peak_mb(args.model, args.preset, options, batch_size,
+                                                                 checkpointing, device)
+                outcome = f"peak {peaks[key]:.0f} MB, {seconds[key]:.1f} s"
+            except (BrokenProcessPool, torch.cuda.OutOfMemoryError):  # the system's OOM killer or CUDA's
+                peaks[key] = seconds[key] = None
+                outcome = "did not fit in this machine's memory"
+            print(f"  training step, batch size {batch_size}, activation checkpointing "
+                  f"{'on' if checkpointing else 'off'}: {outcome}", flush=True)
+    return {"model": args.model, "preset": args.preset, "device": str(device), "train_step_peak_memory_mb": peaks,
+            "train_step_seconds": seconds}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="paper")
@@ -192,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset_path", type=Path)
     parser.add_argument("--class_name")
     parser.add_argument("--out", type=Path, help="JSON file for the results")
+    parser.add_argument("--train_memory", action="store_true",
+                        help="only measure the peak memory of one training step (batch sizes 1 and 2, activation "
+                             "checkpointing off and on), each in a fresh process, on random features")
     args = parser.parse_args(argv)
     setup_logging()
     try:
@@ -200,6 +265,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(err))
     seed_everything(DEFAULT_SEED)
     device = resolve_device(args.device)
+    if args.train_memory:
+        if issubclass(detector_class(args.model), MemoryBankDetector):
+            parser.error(f"{args.model} is fitted, not trained: --train_memory does not apply")
+        results = train_memory(args, options, device)
+        if args.out:
+            write_text_atomic(args.out, json.dumps(results, indent=2) + "\n")
+        return 0
     extractor = MultimodalFeatures(extractor_config(args.preset, args.model), random_init=args.random_init,
                                    rgb_weights=args.rgb_weights, pointmae_weights=args.pointmae_weights, device=device)
     model = build_detector(args.model, extractor.config, **options).to(device).eval()

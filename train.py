@@ -5,7 +5,7 @@
         [--modality rgbxyz|rgb|xyz] [--epochs_no 50] [--batch_size 1]
         [--checkpoint_savepath checkpoints/CMDR_IAD_checkpoints] [--preset paper|lite|tiny]
         [--rgb_weights F] [--pointmae_weights F] [--random_init] [--cache_dir DIR] [--device auto|cpu|cuda]
-        [--seed 115] [--snapshot_epochs 1] [--snapshot_minutes 10] [--amp] [--resume]
+        [--seed 115] [--snapshot_epochs 1] [--snapshot_minutes 10] [--amp] [--activation_checkpointing] [--resume]
 
 Frozen features are computed once per sample and cached; an epoch then costs only the trainable modules. One
 loop serves every method: the method gives its named losses and its optimiser groups (CMDR-IAD: one Adam and
@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from networks.activation_checkpointing import set_activation_checkpointing
 from networks.detector import Detector
 from networks.detectors import build_detector
 from networks.memory_bank import MemoryBankDetector
@@ -184,6 +185,9 @@ def train_class(class_name: str, config: RunConfig, cache: FeatureCache, resume:
     cache.precompute(dataset, config.batch_size)  # features once, before the epochs
     seed_everything(config.seed)
     model = config.build_detector(extractor).train()
+    if config.activation_checkpointing and not set_activation_checkpointing(model, True):
+        logger.warning("%s has no module with activation checkpointing: --activation_checkpointing changes nothing",
+                       config.model)
     if isinstance(model, MemoryBankDetector):
         outcome = {"fit": fit_memory_bank(model, class_name, config, cache, dataset)}
     else:

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from networks.activation_checkpointing import CheckpointableMixin
+
 
 class WindowAttention(nn.Module):
     """Multi-head self-attention inside consecutive 1-D windows of tokens (raster order)."""
@@ -58,7 +60,7 @@ class WindowBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class Decoder2D(nn.Module):
+class Decoder2D(CheckpointableMixin, nn.Module):
     """Reconstructs RGB features: projection, one windowed-attention block, a transposed-conv stack, an MLP head.
 
     Args:
@@ -91,12 +93,13 @@ class Decoder2D(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, P, dim) → (B, P, dim), P = img_size²."""
+        """(B, P, dim) → (B, P, dim), P = img_size². Checkpointed segments: the projection with the attention
+        block, and the head; the BatchNorm stack between them is not."""
         batch = x.shape[0]
-        x = self.attn(self.projection(x))
+        x = self.segment(lambda x: self.attn(self.projection(x)), x)
         x = x.transpose(1, 2).reshape(batch, -1, self.img_size, self.img_size)
         x = self.conv_decoder(x).flatten(2).transpose(1, 2)
-        return self.reconstruct(x)
+        return self.segment(self.reconstruct, x)
 
 
 class Decoder3D(nn.Module):

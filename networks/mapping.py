@@ -5,8 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from networks.activation_checkpointing import CheckpointableMixin
 
-class FeatureMappingMLP(nn.Module):
+
+class FeatureMappingMLP(CheckpointableMixin, nn.Module):
     """Maps features of one modality to the other's, pixel by pixel.
 
     ``input`` Linear(in→r) → GELU → ``projection`` [Linear(r→r), GELU, LayerNorm, Dropout, Linear(r→r), GELU,
@@ -30,5 +32,9 @@ class FeatureMappingMLP(nn.Module):
         self.output = nn.Linear(hidden, out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, P, in_features) → (B, P, out_features)."""
+        """(B, P, in_features) → (B, P, out_features); one checkpointed segment (see
+        :mod:`networks.activation_checkpointing`)."""
+        return self.segment(self._layers, x)
+
+    def _layers(self, x: torch.Tensor) -> torch.Tensor:
         return self.output(self.projection(self.act_fcn(self.input(x))))

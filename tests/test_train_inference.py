@@ -110,6 +110,23 @@ def test_training_is_deterministic(synthetic_root: Path, trained: Path, tmp_path
             assert torch.equal(again[name][key], reference[name][key]), f"{name}.{key}"
 
 
+def test_activation_checkpointing_trains_the_same_weights(synthetic_root: Path, trained: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch):
+    """Recomputing the checkpointed segments in backward (dropout masks replayed) gives the same weights, bit for
+    bit, as keeping their activations."""
+    import networks.activation_checkpointing as checkpointing
+
+    calls = []
+    real = checkpointing.checkpoint
+    monkeypatch.setattr(checkpointing, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert run_train(synthetic_root, tmp_path, "--activation_checkpointing") == 0
+    assert calls, "no segment was checkpointed"
+    again, reference = state_dicts(tmp_path), state_dicts(trained)
+    for name in reference:
+        for key in reference[name]:
+            assert torch.equal(again[name][key], reference[name][key]), f"{name}.{key}"
+
+
 def assert_resumes_to_the_uninterrupted_weights(data: Path, trained: Path, work: Path) -> None:
     assert run_train(data, work, "--resume") == 0
     resumed, reference = state_dicts(work), state_dicts(trained)

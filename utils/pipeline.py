@@ -59,6 +59,7 @@ class RunConfig:
     snapshot_minutes: float = SNAPSHOT_MINUTES
     snapshot_epochs: int = 1  # training state saved after every N-th epoch (resuming stays bit-identical)
     amp: bool = False  # bf16 autocast of the method's modules (training and inference)
+    activation_checkpointing: bool = False  # training: recompute activations in backward (same results, less memory)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> RunConfig:
@@ -136,6 +137,10 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, training: bool) -> Non
         parser.add_argument("--snapshot_epochs", type=int, default=1,
                             help="save the training state after every this many epochs (default 1; a paper-size "
                                  "state with Adam's moments is ≈1 GB: benchmark.py reports its cost)")
+        parser.add_argument("--activation_checkpointing", action="store_true",
+                            help="keep fewer activations during training and recompute them in backward: the "
+                                 "same weights bit for bit, ≈1.3× the step time, a fraction of the memory at "
+                                 "paper size (README 'Training and inference', Memory)")
         parser.add_argument("--snapshot_minutes", type=float, default=SNAPSHOT_MINUTES,
                             help="also save the training state inside an epoch every this many minutes (and at "
                                  "Ctrl-C); a paper-size epoch is hours on a CPU")
