@@ -43,7 +43,7 @@ from networks.point_mae import (
     DEFAULT_POINTMAE_WEIGHTS, POINTMAE_URL, BNMode, PointMAEConfig, PointMAEEncoder, WeightsError,
     load_pointmae_weights, load_state_dict_checked, read_state_dict,
 )
-from networks.point_ops import points_to_pixel_map, propagate, three_nn_weights
+from networks.point_ops import points_to_pixel_map, propagated_pixel_map, three_nn_weights
 from networks.resnet import ResNetConfig, ResNetFeatures, build_resnet
 from utils.transforms import IMAGENET_MEAN, IMAGENET_STD, Normalization
 
@@ -159,9 +159,11 @@ class XYZParts:
     def to(self, device: torch.device | str) -> XYZParts:
         return XYZParts(*(t.to(device) for t in dataclasses.astuple(self)))
 
-    def point_features(self) -> torch.Tensor:
-        """(N, C3) features of the valid points: 3-NN propagation from the group centres."""
-        return propagate(self.group_features, self.neighbour_index, self.neighbour_weight)
+    def pixel_map(self, img_size: int, grid_size: int) -> torch.Tensor:
+        """(G², C3): the point features scattered to the S × S pixels and pooled (see :meth:`MultimodalFeatures.
+        xyz_maps`), propagated block by block into the pixels."""
+        return propagated_pixel_map(self.group_features, self.neighbour_index, self.neighbour_weight,
+                                    self.pixel_index, img_size, grid_size)
 
 
 @dataclass
@@ -179,8 +181,9 @@ class PointParts:
     def to(self, device: torch.device | str) -> PointParts:
         return PointParts(self.features.to(device), self.pixel_index.to(device))
 
-    def point_features(self) -> torch.Tensor:
-        return self.features
+    def pixel_map(self, img_size: int, grid_size: int) -> torch.Tensor:
+        """(G², C3): the point features scattered to the S × S pixels and pooled."""
+        return points_to_pixel_map(self.features, self.pixel_index, img_size, grid_size)
 
 
 def _seeded(seed: int, build):
@@ -494,7 +497,7 @@ class MultimodalFeatures(nn.Module):
         maps = []
         for part in parts:
             part = part.to(self.device)
-            maps.append(points_to_pixel_map(part.point_features(), part.pixel_index, self.img_size, self.grid_size))
+            maps.append(part.pixel_map(self.img_size, self.grid_size))
         return torch.stack(maps)
 
     def get_features_maps(

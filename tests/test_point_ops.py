@@ -141,6 +141,20 @@ def test_points_to_pixel_map_matches_naive_pooling():
     np.testing.assert_allclose(actual.numpy(), naive_pixel_map(features, pixels, size), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("chunk", [7, 60, 512])
+def test_propagated_pixel_map_is_propagation_then_scatter_bit_for_bit(chunk: int):
+    """Propagating blocks of points straight into the canvas changes no bit of the pooled map."""
+    rng = np.random.default_rng(11)
+    size, n_points, n_centres = 13, 150, 9
+    features = torch.from_numpy(rng.normal(size=(n_centres, 5)).astype(np.float32))
+    indices = torch.from_numpy(rng.integers(0, n_centres, (n_points, 3)))
+    weights = torch.from_numpy(rng.dirichlet(np.ones(3), n_points).astype(np.float32))
+    pixels = torch.from_numpy(rng.choice(size * size, n_points, replace=False))
+    expected = points_to_pixel_map(propagate(features, indices, weights), pixels, size, 6)
+    actual = point_ops.propagated_pixel_map(features, indices, weights, pixels, size, 6, chunk=chunk)
+    assert torch.equal(actual, expected)
+
+
 def _cuda_with(module: str) -> bool:
     return torch.cuda.is_available() and point_ops._cuda_extension(module) is not None
 
