@@ -191,7 +191,7 @@ def epoch_seconds(extractor: MultimodalFeatures, model: Detector, dataset: MVTec
     return epoch, time.perf_counter() - start
 
 
-def training_step_peak_mb(model_name: str, preset: str, options: dict, batch_size: int, checkpointing: bool,
+def measure_training_step(model_name: str, preset: str, options: dict, batch_size: int, checkpointing: bool,
                           device: torch.device) -> tuple[float, float]:
     """Peak memory (MB) and seconds of one training step of the method's modules — forward, backward, Adam step —
     on random features of the preset's shapes, measured in a fresh process (CPU: its peak resident memory, which
@@ -231,7 +231,7 @@ def train_memory(args: argparse.Namespace, options: dict, device: torch.device) 
         for checkpointing in (False, True):
             key = f"batch_{batch_size}" + ("_checkpointed" if checkpointing else "")
             try:
-                peaks[key], seconds[key] = training_step_peak_mb(args.model, args.preset, options, batch_size,
+                peaks[key], seconds[key] = measure_training_step(args.model, args.preset, options, batch_size,
                                                                  checkpointing, device)
                 outcome = f"peak {peaks[key]:.0f} MB, {seconds[key]:.1f} s"
             except (BrokenProcessPool, torch.cuda.OutOfMemoryError):  # the system's OOM killer or CUDA's

@@ -160,8 +160,8 @@ class XYZParts:
         return XYZParts(*(t.to(device) for t in dataclasses.astuple(self)))
 
     def pixel_map(self, img_size: int, grid_size: int) -> torch.Tensor:
-        """(G², C3): the point features scattered to the S × S pixels and pooled (see :meth:`MultimodalFeatures.
-        xyz_maps`), propagated block by block into the pixels."""
+        """(G², C3): the point features, propagated block by block straight into the S × S pixels, pooled (see
+        :meth:`MultimodalFeatures.xyz_maps`)."""
         return propagated_pixel_map(self.group_features, self.neighbour_index, self.neighbour_weight,
                                     self.pixel_index, img_size, grid_size)
 

@@ -133,6 +133,23 @@ def test_benchmark_writes_the_table4_keys(tmp_path: Path, model: str):
     assert total == pytest.approx(sum(s["gflop"] for k, s in roofline["stages"].items() if k != "total"))
 
 
+def test_benchmark_train_memory(tmp_path: Path, capsys: pytest.CaptureFixture):
+    """--train_memory measures a training step per batch size, with and without activation checkpointing, each in
+    a fresh process; memory-bank methods are refused."""
+    import benchmark
+
+    out = tmp_path / "m.json"
+    assert benchmark.main(["--preset", "tiny", "--train_memory", "--device", "cpu", "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert set(results["train_step_peak_memory_mb"]) == set(results["train_step_seconds"]) == {
+        "batch_1", "batch_1_checkpointed", "batch_2", "batch_2_checkpointed"}
+    assert all(peak > 100 for peak in results["train_step_peak_memory_mb"].values())  # a process with torch loaded
+    assert all(seconds > 0 for seconds in results["train_step_seconds"].values())
+    assert "batch size 2, activation checkpointing on: peak" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        benchmark.main(["--preset", "tiny", "--model", "btf", "--train_memory"])
+
+
 def test_flop_count_of_a_matrix_product():
     import torch
 
