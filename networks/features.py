@@ -60,7 +60,7 @@ XYZ_INIT_SEED = 1
 # operations, pooling). Bump it whenever a code change alters feature values: cache entries written under
 # another version are recomputed instead of served stale. FPFH has its own (networks.fpfh.FPFH_VERSION, in the
 # fingerprint of its branch), so that a change there leaves the paper preset's caches valid.
-FEATURE_PIPELINE_VERSION = 1
+FEATURE_PIPELINE_VERSION = 2  # 2: Point-MAE's token encoder as matrix products (float32 summation order moved)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import pytest
 import tifffile
 import torch
 
-from networks.features import PRESETS, MultimodalFeatures
+from networks.features import FEATURE_PIPELINE_VERSION, PRESETS, MultimodalFeatures
 from utils.feature_cache import FeatureCache
 from utils.io import DatasetError
 from utils.mvtec3d import MVTec3DDataset, collate_samples, make_dataloader
@@ -63,7 +63,7 @@ def test_another_feature_pipeline_version_recomputes(extractor: MultimodalFeatur
     cache.features(batch)
     cache.features(batch)
     assert (cache.hits, cache.misses) == (4, 4)
-    monkeypatch.setattr("utils.feature_cache.FEATURE_PIPELINE_VERSION", 2)  # a code change altered the features
+    monkeypatch.setattr("utils.feature_cache.FEATURE_PIPELINE_VERSION", FEATURE_PIPELINE_VERSION + 1)  # code changed
     cache.features(batch)
     assert (cache.hits, cache.misses) == (4, 8)
     cache.features(batch)

@@ -194,6 +194,37 @@ def test_encoder_fetches_normalised_blocks():
     assert features.shape == (8, config.feature_dim) and config.feature_dim == 24
 
 
+@pytest.mark.parametrize("bn_mode", ["sample", "running"])
+def test_token_encoder_equals_the_reference_convolutions(bn_mode: str):
+    """The mini-PointNet as the reference writes it — 1×1 Conv1d on (G, C, k), the global feature concatenated
+    before every point's — in float64, against ours (matrix products, the concatenated layer split)."""
+    encoder = _seeded_encoder(PointMAEConfig(first_conv=(16, 32), second_conv_hidden=48, trans_dim=24))
+    tokenizer = encoder.encoder
+    tokenizer.bn_mode = bn_mode
+    for bn in (tokenizer.first_conv[1], tokenizer.second_conv[1]):
+        torch.nn.init.normal_(bn.weight), torch.nn.init.normal_(bn.bias)
+        bn.running_mean.normal_(), bn.running_var.uniform_(0.5, 2.0)
+    groups = torch.randn(10, 7, 3)
+
+    def layers(sequential, x):
+        for layer in sequential:
+            if isinstance(layer, torch.nn.BatchNorm1d):
+                statistics = (None, None) if bn_mode == "sample" else (layer.running_mean.double(),
+                                                                        layer.running_var.double())
+                x = F.batch_norm(x, *statistics, layer.weight.double(), layer.bias.double(),
+                                 training=bn_mode == "sample", eps=layer.eps)
+            elif isinstance(layer, torch.nn.Conv1d):
+                x = F.conv1d(x, layer.weight.double(), layer.bias.double())
+            else:
+                x = layer(x)
+        return x
+
+    feature = layers(tokenizer.first_conv, groups.double().transpose(1, 2))  # (G, c2, k)
+    feature = torch.cat([feature.max(dim=2, keepdim=True).values.expand(-1, -1, 7), feature], dim=1)
+    expected = layers(tokenizer.second_conv, feature).max(dim=2).values
+    torch.testing.assert_close(tokenizer(groups).double(), expected, rtol=1e-5, atol=1e-5)
+
+
 def _seeded_encoder(config: PointMAEConfig) -> PointMAEEncoder:
     torch.manual_seed(0)
     return PointMAEEncoder(config)
