@@ -89,28 +89,34 @@ class MiniPointNet(nn.Module):
         )
         self.bn_mode: BNMode = "sample"
 
-    def _norm(self, bn: nn.BatchNorm1d, x: torch.Tensor) -> torch.Tensor:
-        """BatchNorm over every point of every group, channels last: (G, k, C) → (G, k, C)."""
-        return _batch_norm(bn, x.reshape(-1, x.shape[-1]), self.bn_mode).reshape(x.shape)
-
     def forward(self, groups: torch.Tensor) -> torch.Tensor:
         """(G, k, 3) centred point groups of one sample → (G, out_channels) tokens.
 
-        The reference's 1×1 Conv1d layers on (G, C, k) are the same per-point linear maps; they run here as
-        matrix products over the G·k points, channels last (1.3× faster than the convolutions at paper size), and
-        the layer after the concatenation [global feature, point feature] is split: its global half is computed
-        once per group instead of once per point. Equal to the reference up to float32 summation order.
+        The reference's 1×1 Conv1d layers on (G, C, k) are per-group matrix products; they run here as one
+        batched product each (1.4× faster than the convolutions at paper size), and the layer after the
+        concatenation [global feature, point feature] is split: its global half is computed once per group instead
+        of once per point. The layout stays (G, C, k) so that BatchNorm sums each channel in one thread: the tokens
+        do not depend on the thread count. Equal to the reference up to float32 summation order.
         """
         conv1, bn1, _, conv2 = self.first_conv
         conv3, bn2, _, conv4 = self.second_conv
-        feature = F.linear(torch.relu(self._norm(bn1, F.linear(groups, conv1.weight[..., 0], conv1.bias))),
-                           conv2.weight[..., 0], conv2.bias)  # (G, k, c2)
-        global_feature = feature.max(dim=1, keepdim=True).values  # (G, 1, c2)
-        c2 = feature.shape[-1]
+        x = torch.relu(_batch_norm(bn1, _pointwise(conv1, groups.transpose(1, 2)), self.bn_mode))
+        feature = _pointwise(conv2, x)  # (G, c2, k)
+        global_feature = feature.max(dim=2, keepdim=True).values  # (G, c2, 1)
+        c2 = feature.shape[1]
         weight = conv3.weight[..., 0]  # (hidden, 2·c2): the global feature comes first in the concatenation
-        hidden = F.linear(global_feature, weight[:, :c2], conv3.bias) + F.linear(feature, weight[:, c2:])
-        hidden = torch.relu(self._norm(bn2, hidden))
-        return F.linear(hidden, conv4.weight[..., 0], conv4.bias).max(dim=1).values
+        per_group = torch.matmul(weight[:, :c2], global_feature) + conv3.bias[:, None]  # (G, hidden, 1)
+        hidden = torch.baddbmm(per_group.expand(-1, -1, feature.shape[2]),
+                               weight[:, c2:].expand(len(feature), -1, -1), feature)
+        hidden = torch.relu(_batch_norm(bn2, hidden, self.bn_mode))
+        return _pointwise(conv4, hidden).max(dim=2).values
+
+
+def _pointwise(conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
+    """A 1×1 Conv1d as one batched matrix product: (G, C_in, k) → (G, C_out, k)."""
+    groups, _, points = x.shape
+    return torch.baddbmm(conv.bias[None, :, None].expand(groups, -1, points),
+                         conv.weight[..., 0].expand(groups, -1, -1), x)
 
 
 class Attention(nn.Module):

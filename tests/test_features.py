@@ -225,6 +225,20 @@ def test_token_encoder_equals_the_reference_convolutions(bn_mode: str):
     torch.testing.assert_close(tokenizer(groups).double(), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_token_encoder_does_not_depend_on_the_thread_count():
+    """A feature cache filled by 1-thread workers must equal what a 2-thread process computes (BatchNorm's sums)."""
+    tokenizer = _seeded_encoder(PointMAEConfig(first_conv=(64, 128), second_conv_hidden=128, trans_dim=64)).encoder
+    groups = torch.randn(64, 64, 3)  # 4096 points × 128 channels: large enough for torch to split work
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = tokenizer(groups)
+        torch.set_num_threads(max(threads, 2))
+        assert torch.equal(tokenizer(groups), one)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _seeded_encoder(config: PointMAEConfig) -> PointMAEEncoder:
     torch.manual_seed(0)
     return PointMAEEncoder(config)
