@@ -348,6 +348,17 @@ def test_lite_foreground_mask_is_the_support_of_f3d_on_its_grid(synthetic_root):
     assert torch.equal(mask, (f3d != 0).any(dim=-1))
 
 
+def test_lite_branches_side_by_side_give_the_sequential_maps(synthetic_root):
+    """lite computes FPFH in a side thread while the RGB backbone runs: the maps are those of one after the other."""
+    extractor = MultimodalFeatures("lite")
+    dataset = open_split(extractor, synthetic_root, "dome", "test", "rgbxyz")
+    batch = collate_samples([dataset[0], dataset[1]])
+    with torch.no_grad():
+        f2d, f3d = extractor.get_features_maps(batch.rgb, batch.xyz)
+        assert torch.equal(f2d, extractor.rgb_maps(extractor.extract_rgb_parts(batch.rgb)))
+        assert torch.equal(f3d, extractor.xyz_maps(extractor.extract_xyz_parts(batch.xyz)))
+
+
 class _Pickled:  # an arbitrary Python object inside a checkpoint: unpickling it may run code
     def __init__(self) -> None:
         self.note = "not a tensor"
