@@ -162,11 +162,15 @@ class XYZParts:
     def to(self, device: torch.device | str) -> XYZParts:
         return XYZParts(*(t.to(device) for t in dataclasses.astuple(self)))
 
-    def pixel_map(self, img_size: int, grid_size: int) -> torch.Tensor:
-        """(G², C3): the point features, propagated block by block straight into the S × S pixels, pooled (see
-        :meth:`MultimodalFeatures.xyz_maps`)."""
+    @property
+    def channels(self) -> int:
+        return self.group_features.shape[1]
+
+    def pixel_map(self, img_size: int, grid_size: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """(G², C3): the point features propagated to the S × S pixels and pooled, as one sparse product (see
+        :meth:`MultimodalFeatures.xyz_maps`); written into ``out`` when given."""
         return propagated_pixel_map(self.group_features, self.neighbour_index, self.neighbour_weight,
-                                    self.pixel_index, img_size, grid_size)
+                                    self.pixel_index, img_size, grid_size, out=out)
 
 
 @dataclass
@@ -184,9 +188,14 @@ class PointParts:
     def to(self, device: torch.device | str) -> PointParts:
         return PointParts(self.features.to(device), self.pixel_index.to(device))
 
-    def pixel_map(self, img_size: int, grid_size: int) -> torch.Tensor:
-        """(G², C3): the point features scattered to the S × S pixels and pooled."""
-        return points_to_pixel_map(self.features, self.pixel_index, img_size, grid_size)
+    @property
+    def channels(self) -> int:
+        return self.features.shape[1]
+
+    def pixel_map(self, img_size: int, grid_size: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """(G², C3): the point features scattered to the S × S pixels and pooled; written into ``out`` when given."""
+        result = points_to_pixel_map(self.features, self.pixel_index, img_size, grid_size)
+        return result if out is None else out.copy_(result)
 
 
 def _side_thread() -> ThreadPoolExecutor:
@@ -507,11 +516,11 @@ class MultimodalFeatures(nn.Module):
     def xyz_maps(self, parts: Sequence[XYZParts | PointParts]) -> torch.Tensor:
         """Point features (3-NN propagation for Point-MAE) scattered to the S × S pixels, AvgPool 3 + adaptive
         pooling → F3D (B, G², C3)."""
-        maps = []
-        for part in parts:
-            part = part.to(self.device)
-            maps.append(part.pixel_map(self.img_size, self.grid_size))
-        return torch.stack(maps)
+        # written in place into the batch: at paper size a stacked copy would be another 231 MB pass per sample
+        maps = torch.empty(len(parts), self.grid_size**2, parts[0].channels, device=self.device)
+        for part, out in zip(parts, maps):
+            part.to(self.device).pixel_map(self.img_size, self.grid_size, out=out)
+        return maps
 
     def get_features_maps(
         self, rgb: torch.Tensor | None, organized_pc: torch.Tensor | None

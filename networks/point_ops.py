@@ -20,6 +20,7 @@ from functools import cache
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import sparse
 from scipy.spatial import cKDTree
 
 # Brute-force kNN: distances are computed for as many queries at a time as fit in this many float64 values (32 MB).
@@ -27,6 +28,10 @@ _CHUNK_ELEMENTS = 1 << 22
 PROPAGATION_EPS = 1e-8
 # Points propagated at a time into the pixel canvas (512 × 1152 float32 = 2.4 MB per temporary at paper size).
 _PROPAGATION_CHUNK = 512
+# The pooled propagation on the CPU: output pixels per dense block (at paper size a run of 32 pixels reads ≤ 26
+# centres), and blocks per batched product (64 × 26 gathered centre rows × 1152 = 7.7 MB, cache-sized).
+_BLOCK_ROWS = 32
+_BLOCKS_PER_PRODUCT = 64
 
 
 @cache
@@ -207,19 +212,111 @@ def points_to_pixel_map(point_features: torch.Tensor, pixel_index: torch.Tensor,
 
 def propagated_pixel_map(features: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
                          pixel_index: torch.Tensor, img_size: int, out_size: int | None = None,
-                         chunk: int = _PROPAGATION_CHUNK) -> torch.Tensor:
-    """``points_to_pixel_map(propagate(features, indices, weights), pixel_index, ...)``, bit for bit, without the
-    (N, C) point features: blocks of points are propagated straight into the canvas (at paper size the full
-    (N, C) array and its temporaries are ~0.7 GB of memory traffic; blocks stay in the caches: 1.7× faster).
+                         out: torch.Tensor | None = None) -> torch.Tensor:
+    """``points_to_pixel_map(propagate(features, indices, weights), pixel_index, ...)`` up to float32 rounding,
+    without the (S², C) canvas.
+
+    Propagation, scatter and both poolings are linear, so the pooled map is one sparse matrix times the centres'
+    features: ``M @ features`` with ``M = pooling (G², S²) @ propagation (S², n_centres)``, composed in float64.
+    Each output pixel reads ~4 centres. On the CPU, runs of consecutive output pixels share few centres, so ``M``
+    is applied as small dense blocks (:func:`_blocked_rows`) with batched matrix products written straight into
+    the output: at paper size one pass over the 231 MB map instead of five (canvas, two poolings and their
+    temporaries), 0.34 → 0.11 s. Elsewhere (CUDA) the canvas path, :func:`_propagated_canvas_map`.
 
     Args:
-        features: (G, C) per-centre features; indices, weights: (N, 3); pixel_index: (N,).
+        features: (n_centres, C) per-centre features; indices, weights: (N, 3); pixel_index: (N,).
+        out: optional (G², C) tensor to write the map into (e.g. a row of a batch), returned.
+
+    Returns:
+        (G², C) feature map in raster order.
     """
+    out_size = img_size if out_size is None else out_size
+    if features.device.type != "cpu":
+        result = _propagated_canvas_map(features, indices, weights, pixel_index, img_size, out_size)
+        return result if out is None else out.copy_(result)
+    operator = _pooled_propagation_operator(indices, weights, pixel_index, img_size, out_size, len(features))
+    block_weights, block_columns = _blocked_rows(operator, _BLOCK_ROWS)
+    if out is None:
+        out = features.new_empty(out_size * out_size, features.shape[1])
+    block_weights = torch.from_numpy(block_weights).to(features.dtype)
+    block_columns = torch.from_numpy(block_columns)
+    full = len(out) // _BLOCK_ROWS
+    gathered = features.new_empty(_BLOCKS_PER_PRODUCT * block_columns.shape[1], features.shape[1])
+    for start in range(0, len(block_columns), _BLOCKS_PER_PRODUCT):
+        stop = min(start + _BLOCKS_PER_PRODUCT, len(block_columns))
+        centres = torch.index_select(features, 0, block_columns[start:stop].reshape(-1),
+                                     out=gathered[: (stop - start) * block_columns.shape[1]])
+        centres = centres.view(stop - start, block_columns.shape[1], -1)
+        if stop <= full:
+            torch.bmm(block_weights[start:stop], centres, out=out[start * _BLOCK_ROWS : stop * _BLOCK_ROWS].view(
+                stop - start, _BLOCK_ROWS, -1))
+        else:  # the last, partial block of rows
+            rows = torch.bmm(block_weights[start:stop], centres).reshape(-1, features.shape[1])
+            out[start * _BLOCK_ROWS :] = rows[: len(out) - start * _BLOCK_ROWS]
+    return out
+
+
+def _propagated_canvas_map(features: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
+                           pixel_index: torch.Tensor, img_size: int, out_size: int,
+                           chunk: int = _PROPAGATION_CHUNK) -> torch.Tensor:
+    """The canvas path of :func:`propagated_pixel_map`, bit for bit ``points_to_pixel_map(propagate(...))``: blocks of
+    points are propagated straight into the canvas, never the whole (N, C) point features."""
     canvas = features.new_zeros(img_size * img_size, features.shape[1])
     for start in range(0, len(pixel_index), chunk):
         block = slice(start, start + chunk)
         canvas[pixel_index[block]] = propagate(features, indices[block], weights[block])
     return _pool_canvas(canvas, img_size, out_size)
+
+
+@cache
+def _pooling_matrix(img_size: int, out_size: int) -> sparse.csr_matrix:
+    """(G², S²) float64: AvgPool2d(3, stride 1, no padding) then AdaptiveAvgPool2d(G), on raster-order pixels.
+
+    Both poolings are separable: one (G, S) matrix R for rows and columns, and the 2D operator is R ⊗ R.
+    Adaptive bin i covers [floor(i·n/G), ceil((i+1)·n/G)) of the n = S − 2 pooled positions.
+    """
+    n_pooled = img_size - 2
+    average3 = np.zeros((n_pooled, img_size))
+    for i in range(n_pooled):
+        average3[i, i : i + 3] = 1.0 / 3.0
+    adaptive = np.zeros((out_size, n_pooled))
+    for i in range(out_size):
+        low, high = (i * n_pooled) // out_size, -(-((i + 1) * n_pooled) // out_size)
+        adaptive[i, low:high] = 1.0 / (high - low)
+    rows = sparse.csr_matrix(adaptive @ average3)
+    return sparse.kron(rows, rows, format="csr")
+
+
+def _pooled_propagation_operator(indices: torch.Tensor, weights: torch.Tensor, pixel_index: torch.Tensor,
+                                 img_size: int, out_size: int, n_centres: int) -> sparse.csr_matrix:
+    """(G², n_centres) float64 CSR: the pooled map's weights on the centres' features."""
+    propagation = sparse.csr_matrix(
+        (weights.double().numpy().ravel(), (np.repeat(pixel_index.numpy(), 3), indices.numpy().ravel())),
+        shape=(img_size * img_size, n_centres))  # a repeated (pixel, centre) pair is summed, as propagate() would
+    return (_pooling_matrix(img_size, out_size) @ propagation).tocsr()
+
+
+def _blocked_rows(matrix: sparse.csr_matrix, block_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """A CSR matrix as dense blocks over runs of ``block_rows`` consecutive rows.
+
+    Returns:
+        (weights (n_blocks, block_rows, g) float32, columns (n_blocks, g) int64): row r of block b is
+        ``weights[b, r] @ dense_columns[columns[b]]``; g is the most distinct columns of any block, and shorter
+        blocks are padded with column 0 at weight 0.
+    """
+    n_rows, n_columns = matrix.shape
+    n_blocks = -(-n_rows // block_rows)
+    row = np.repeat(np.arange(n_rows), np.diff(matrix.indptr))
+    block = row // block_rows
+    pairs, entry_pair = np.unique(block * n_columns + matrix.indices, return_inverse=True)  # sorted by block
+    pair_block = pairs // n_columns
+    slot = np.arange(len(pairs)) - np.searchsorted(pair_block, pair_block)  # rank of a column within its block
+    width = int(slot.max()) + 1 if len(pairs) else 1
+    weights = np.zeros((n_blocks, block_rows, width), np.float32)
+    weights[block, row % block_rows, slot[entry_pair]] = matrix.data
+    columns = np.zeros((n_blocks, width), np.int64)
+    columns[pair_block, slot] = pairs % n_columns
+    return weights, columns
 
 
 def _pool_canvas(canvas: torch.Tensor, img_size: int, out_size: int | None) -> torch.Tensor:

@@ -112,7 +112,8 @@ def test_propagate_matches_loop():
     np.testing.assert_allclose(propagate(features, idx, weights).numpy(), expected, rtol=1e-5, atol=1e-6)
 
 
-def naive_pixel_map(features: np.ndarray, pixels: np.ndarray, size: int) -> np.ndarray:
+def naive_pixel_map(features: np.ndarray, pixels: np.ndarray, size: int, out_size: int | None = None) -> np.ndarray:
+    out_size = size if out_size is None else out_size
     channels = features.shape[1]
     canvas = np.zeros((channels, size, size))
     for f, p in zip(features, pixels):
@@ -121,12 +122,12 @@ def naive_pixel_map(features: np.ndarray, pixels: np.ndarray, size: int) -> np.n
     for y in range(size - 2):  # 3×3 mean, no padding
         for x in range(size - 2):
             pooled[:, y, x] = canvas[:, y : y + 3, x : x + 3].mean(axis=(1, 2))
-    out = np.zeros((channels, size, size))
+    out = np.zeros((channels, out_size, out_size))
     n_in = size - 2
-    for y in range(size):  # adaptive average pooling: bin [floor(i·in/out), ceil((i+1)·in/out))
-        for x in range(size):
-            y0, y1 = (y * n_in) // size, -((-(y + 1) * n_in) // size)
-            x0, x1 = (x * n_in) // size, -((-(x + 1) * n_in) // size)
+    for y in range(out_size):  # adaptive average pooling: bin [floor(i·in/out), ceil((i+1)·in/out))
+        for x in range(out_size):
+            y0, y1 = (y * n_in) // out_size, -((-(y + 1) * n_in) // out_size)
+            x0, x1 = (x * n_in) // out_size, -((-(x + 1) * n_in) // out_size)
             out[:, y, x] = pooled[:, y0:y1, x0:x1].mean(axis=(1, 2))
     return out.reshape(channels, -1).T
 
@@ -141,18 +142,44 @@ def test_points_to_pixel_map_matches_naive_pooling():
     np.testing.assert_allclose(actual.numpy(), naive_pixel_map(features, pixels, size), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("chunk", [7, 60, 512])
-def test_propagated_pixel_map_is_propagation_then_scatter_bit_for_bit(chunk: int):
-    """Propagating blocks of points straight into the canvas changes no bit of the pooled map."""
-    rng = np.random.default_rng(11)
-    size, n_points, n_centres = 13, 150, 9
+def propagation_case(seed: int, size: int = 13, n_points: int = 150, n_centres: int = 9, first_pixels: int = 169):
+    rng = np.random.default_rng(seed)
     features = torch.from_numpy(rng.normal(size=(n_centres, 5)).astype(np.float32))
-    indices = torch.from_numpy(rng.integers(0, n_centres, (n_points, 3)))
+    indices = torch.from_numpy(rng.integers(0, n_centres, (n_points, 3)))  # repeats included
     weights = torch.from_numpy(rng.dirichlet(np.ones(3), n_points).astype(np.float32))
-    pixels = torch.from_numpy(rng.choice(size * size, n_points, replace=False))
-    expected = points_to_pixel_map(propagate(features, indices, weights), pixels, size, 6)
-    actual = point_ops.propagated_pixel_map(features, indices, weights, pixels, size, 6, chunk=chunk)
+    pixels = torch.from_numpy(rng.choice(first_pixels, n_points, replace=False))
+    return features, indices, weights, pixels
+
+
+@pytest.mark.parametrize("chunk", [7, 60, 512])
+def test_propagated_canvas_map_is_propagation_then_scatter_bit_for_bit(chunk: int):
+    """The CUDA path: propagating blocks of points straight into the canvas changes no bit of the pooled map."""
+    features, indices, weights, pixels = propagation_case(11)
+    expected = points_to_pixel_map(propagate(features, indices, weights), pixels, 13, 6)
+    actual = point_ops._propagated_canvas_map(features, indices, weights, pixels, 13, 6, chunk=chunk)
     assert torch.equal(actual, expected)
+
+
+@pytest.mark.parametrize(("out_size", "block_rows", "blocks_per_product"),
+                         [(13, 32, 64), (6, 32, 64), (13, 5, 3), (6, 4, 2), (13, 1, 1000)])
+def test_propagated_pixel_map_matches_float64_propagation_and_pooling(monkeypatch, out_size, block_rows,
+                                                                      blocks_per_product):
+    """The sparse-product path: the propagation written as a float64 loop, then the naive poolings; every block
+    size, a last partial block (13² = 169 rows), several products per map, and pixels without points left at 0."""
+    monkeypatch.setattr(point_ops, "_BLOCK_ROWS", block_rows)
+    monkeypatch.setattr(point_ops, "_BLOCKS_PER_PRODUCT", blocks_per_product)
+    features, indices, weights, pixels = propagation_case(12, n_points=60, first_pixels=100)  # rows 8–12 empty
+    point_features = np.zeros((60, 5))
+    for i in range(60):
+        for j in range(3):
+            point_features[i] += float(weights[i, j]) * features[indices[i, j]].double().numpy()
+    expected = naive_pixel_map(point_features, pixels.numpy(), 13, out_size)
+    out = torch.full((out_size**2, 5), float("nan"))
+    actual = point_ops.propagated_pixel_map(features, indices, weights, pixels, 13, out_size, out=out)
+    assert actual is out
+    np.testing.assert_allclose(actual.numpy(), expected, rtol=1e-5, atol=1e-6)
+    assert torch.equal(actual == 0, torch.from_numpy(expected == 0)), "exact zeros where no point reaches"
+    assert (expected == 0).any() and (expected != 0).any()
 
 
 def _cuda_with(module: str) -> bool:
