@@ -123,7 +123,11 @@ class ExtractorConfig:
         return self.xyz.feature_dim
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        settings = dataclasses.asdict(self)
+        if isinstance(self.xyz, FPFHConfig) and self.xyz.grid_stride == 1:
+            # only when set: FPFH on every point keeps the fingerprints and checkpoints it had before the option
+            del settings["xyz"]["grid_stride"]
+        return settings
 
 
 PRESETS: dict[str, ExtractorConfig] = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -80,6 +81,20 @@ def test_another_fpfh_version_changes_only_the_fpfh_fingerprint(monkeypatch: pyt
     assert (lite.fingerprint("rgb"), tiny.fingerprint("rgb"), tiny.fingerprint("xyz")) == (
         before["lite"][0], before["tiny"][0], before["tiny"][1])
     assert lite.fingerprint("xyz") != before["lite"][1]
+
+
+def test_fpfh_grid_stride_is_in_the_fingerprint_only_when_set():
+    """The stride changes lite's 3D fingerprint; FPFH on every point (BTF, Shape-Guided) keeps its old key, so
+    their caches and fitted banks stay valid."""
+    from networks.features import ExtractorConfig, FPFHConfig
+
+    def xyz_fingerprint(stride: int) -> str:
+        config = dataclasses.replace(PRESETS["lite"], xyz=FPFHConfig(grid_stride=stride))
+        return MultimodalFeatures(config, modality="xyz").fingerprint("xyz")
+
+    assert "grid_stride" not in ExtractorConfig(xyz=FPFHConfig()).to_dict()["xyz"]
+    assert PRESETS["lite"].to_dict()["xyz"]["grid_stride"] == 2
+    assert len({xyz_fingerprint(1), xyz_fingerprint(2), xyz_fingerprint(3)}) == 3
 
 
 def test_changed_configuration_never_reuses_entries(extractor: MultimodalFeatures, batch, tmp_path: Path):
