@@ -194,10 +194,14 @@ def test_encoder_fetches_normalised_blocks():
     assert features.shape == (8, config.feature_dim) and config.feature_dim == 24
 
 
+@pytest.mark.parametrize("groups_per_slice", [64, 3])
 @pytest.mark.parametrize("bn_mode", ["sample", "running"])
-def test_token_encoder_equals_the_reference_convolutions(bn_mode: str):
+def test_token_encoder_equals_the_reference_convolutions(bn_mode: str, groups_per_slice: int,
+                                                         monkeypatch: pytest.MonkeyPatch):
     """The mini-PointNet as the reference writes it — 1×1 Conv1d on (G, C, k), the global feature concatenated
-    before every point's — in float64, against ours (matrix products, the concatenated layer split)."""
+    before every point's — in float64, against ours (matrix products, the concatenated layer split, the last
+    layer a slice of groups at a time: 10 groups in one slice or in slices of 3, 3, 3, 1)."""
+    monkeypatch.setattr("networks.point_mae._GROUPS_PER_SLICE", groups_per_slice)
     encoder = _seeded_encoder(PointMAEConfig(first_conv=(16, 32), second_conv_hidden=48, trans_dim=24))
     tokenizer = encoder.encoder
     tokenizer.bn_mode = bn_mode
