@@ -159,13 +159,19 @@ class Detector(nn.Module):
         """
         if variant not in self.fusion_variants:
             raise ValueError(f"{self.name} has the fusion variants {self.fusion_variants}, got {variant!r}")
+        return self.fuse(*self.image_size_maps(f2d, f3d, mask), variant)
+
+    def image_size_maps(self, f2d: torch.Tensor | None, f3d: torch.Tensor | None, mask: torch.Tensor
+                        ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """What :meth:`fuse` takes: the distance maps at the image size S, each (B, S, S), and the valid mask
+        (B, S, S) bool — bilinear and nearest-neighbour upsampling from the feature grid when G < S."""
         grid, size = self.config.grid_size, self.config.img_size
         maps = self.distance_maps(f2d, f3d, mask)
         valid = mask.reshape(-1, grid, grid)
         if grid != size:
             maps = {name: resize_map(distance, size, "bilinear") for name, distance in maps.items()}
             valid = resize_map(valid.float(), size, "nearest") > 0
-        return self.fuse(maps, valid, variant)
+        return maps, valid
 
 
 # --- shared loss and distance of the feature-mapping methods (CMDR-IAD, CFM) -----------------------------------
