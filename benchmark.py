@@ -77,23 +77,31 @@ def _clock(device: torch.device) -> float:
 
 MATMUL_SIZE = 2048  # square operands of the rate measurement: large enough to reach the matrix unit's rate
 MATMUL_REPEATS = 3
+# A dtype the device only emulates (bf16 on a CPU without AVX-512 bf16 or AMX: ~1 GFLOP/s) would take minutes at
+# MATMUL_SIZE; the operands grow from 256 only while the next size's product is expected within this budget.
+MATMUL_BUDGET_SECONDS = 1.0
 
 
 def matmul_rate(device: torch.device, dtype: torch.dtype) -> float | None:
-    """FLOP/s of a dense (MATMUL_SIZE²) @ (MATMUL_SIZE²) product on ``device`` in ``dtype`` (best of a few, after a
-    warm-up); None where the device does not run that dtype."""
-    try:
-        a = torch.randn(MATMUL_SIZE, MATMUL_SIZE, device=device).to(dtype)
-        b = torch.randn(MATMUL_SIZE, MATMUL_SIZE, device=device).to(dtype)
-        a @ b
-    except RuntimeError:
-        return None
-    best = float("inf")
-    for _ in range(MATMUL_REPEATS):
-        start = _clock(device)
-        a @ b
-        best = min(best, _clock(device) - start)
-    return 2 * MATMUL_SIZE**3 / best
+    """FLOP/s of a dense square matrix product on ``device`` in ``dtype`` (best of a few, after a warm-up), at
+    MATMUL_SIZE or at the largest power of two from 256 whose product fits the time budget; None where the device
+    does not run that dtype."""
+    size = 256
+    while True:
+        try:
+            a = torch.randn(size, size, device=device).to(dtype)
+            b = torch.randn(size, size, device=device).to(dtype)
+            a @ b
+        except RuntimeError:
+            return None
+        best = float("inf")
+        for _ in range(MATMUL_REPEATS):
+            start = _clock(device)
+            a @ b
+            best = min(best, _clock(device) - start)
+        if size >= MATMUL_SIZE or 8 * best * (MATMUL_REPEATS + 1) > MATMUL_BUDGET_SECONDS:
+            return 2 * size**3 / best
+        size *= 2
 
 
 def count_flops(function, *args, **kwargs) -> tuple[object, int]:

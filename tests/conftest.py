@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import huggingface_hub
@@ -44,3 +46,24 @@ def offline_without_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     work.mkdir()
     monkeypatch.chdir(work)
     return work
+
+
+MeasuredCheck = Callable[..., None]
+
+
+@pytest.fixture
+def check_measured(record_property: Callable[[str, object], None]) -> MeasuredCheck:
+    """Assert a learned or measured number against its bound and record both as a JUnit XML property, so that
+    ``scripts/dispatch_spread.py`` can report how far each such number moves between CPU code paths and how much
+    margin its bound leaves.
+
+    ``check_measured(name, value, minimum=None, maximum=None)``: the bounds are inclusive.
+    """
+
+    def check(name: str, value: float, minimum: float | None = None, maximum: float | None = None) -> None:
+        value = float(value)
+        record_property(name, json.dumps({"value": value, "min": minimum, "max": maximum}))
+        assert minimum is None or value >= minimum, f"{name} = {value:.6g} is below its bound {minimum}"
+        assert maximum is None or value <= maximum, f"{name} = {value:.6g} is above its bound {maximum}"
+
+    return check

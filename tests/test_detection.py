@@ -9,12 +9,16 @@ For every registered method (``--model``):
 
 from __future__ import annotations
 
+import csv
 import json
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from scipy import ndimage
+from scipy.stats import spearmanr
 from sklearn.metrics import roc_auc_score
 
 import inference
@@ -26,6 +30,8 @@ from networks.fpfh import FPFHConfig
 from networks.memory_bank import MemoryBankDetector
 from train import make_optimizers
 from utils.synthetic import SyntheticConfig, generate_dataset
+
+MeasuredCheck = Callable[..., None]  # the check_measured fixture (conftest.py)
 
 # A feature configuration only by its sizes: 48-d "RGB" and 33-d "3D" features on a 32² grid, fused at 64².
 ORACLE_CONFIG = ExtractorConfig(img_size=64, feature_size=32, rgb=ViTConfig(timm_name=None, embed_dim=48),
@@ -60,7 +66,7 @@ def oracle_features(rng: np.random.Generator, mixing: tuple[np.ndarray, np.ndarr
 
 
 @pytest.mark.parametrize("name", sorted(n for n, cls in DETECTORS.items() if not cls.needs_clouds))
-def test_fused_map_ranks_oracle_defect_pixels_first_detect(name: str):
+def test_fused_map_ranks_oracle_defect_pixels_first_detect(name: str, check_measured: MeasuredCheck):
     """(Methods that read the clouds themselves, such as shape_guided, are checked end to end only.)"""
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
@@ -91,13 +97,14 @@ def test_fused_map_ranks_oracle_defect_pixels_first_detect(name: str):
         m.reshape(-1, 1, 32, 32).float(), size=(size, size), mode="nearest")[:, 0] > 0
     defect, valid = upsample(bad[3]), upsample(bad[2])
     scores = psi_bad[valid].numpy()
-    assert roc_auc_score(defect[valid].numpy(), scores) > 0.97
-    for i in range(4):  # each image's maximum lies on its defect
-        assert defect[i].flatten()[psi_bad[i].argmax()]
-    # images: every defective image scores above every good one
+    check_measured("P-AUROC", roc_auc_score(defect[valid].numpy(), scores), minimum=0.97)
+    # each image's maximum lies on its defect
+    check_measured("images with their maximum on the defect",
+                   sum(bool(defect[i].flatten()[psi_bad[i].argmax()]) for i in range(4)), minimum=4)
+    # images: every defective image scores above every good one (the gap relative to the largest good score)
     with torch.no_grad():
         good_scores, bad_scores = model.predict(*good[:3]).image_scores, model.predict(*bad[:3]).image_scores
-    assert bad_scores.min() > good_scores.max()
+    check_measured("image score gap", (bad_scores.min() - good_scores.max()) / good_scores.max().abs(), minimum=1e-6)
 
 
 # Measured on the 2-core development CPU with these settings (24 test samples: 8 good, 3-4 per defect type; I-AUROC,
@@ -111,7 +118,8 @@ def test_fused_map_ranks_oracle_defect_pixels_first_detect(name: str):
 #   shape_guided, expert 100 steps (≈75 s): 0.758, 0.921, 0.757; 0.96, 0.96, 0.66 (300 steps, the default:
 #   0.812, 0.920, 0.754; 0.75, 1.0, 0.84 in ≈2.5 min).
 # With the final map inverted (x → 1/x on its positive values) both tests of this file fail on their assertions.
-# The thresholds leave a margin for other CPUs' float rounding in training. A new method adds its measured row.
+# The thresholds leave a margin for other CPUs' float rounding in training (the spread between CPU code paths:
+# docs/testing.md). A new method adds its measured row.
 LITE_DATA = SyntheticConfig(classes=("dome",), n_train=16, n_test=24, background="none", seed=3)
 LITE_RUNS = {  # epochs, batch size; thresholds: I-AUROC, P-AUROC, AUPRO@30%, mean I-AUROC of bump, crack, dent
     "cmdr": (10, 2, (0.75, 0.95, 0.85, 0.8)),
@@ -151,24 +159,55 @@ def lite_metrics(lite_data: tuple, name: str, *extra: str) -> dict:
 
 
 @pytest.mark.parametrize("name", sorted(DETECTORS))
-def test_lite_preset_detects_synthetic_defects_end_to_end_detect(lite_data: tuple, name: str):
+def test_lite_preset_detects_synthetic_defects_end_to_end_detect(lite_data: tuple, name: str,
+                                                                 check_measured: MeasuredCheck):
+    check_lite_detection(check_measured, name, lite_metrics(lite_data, name, *LITE_OPTIONS.get(name, ())))
+
+
+def check_lite_detection(check_measured: MeasuredCheck, name: str, metrics: dict) -> None:
+    """``metrics`` reach ``name``'s thresholds in :data:`LITE_RUNS`."""
     i_auroc, p_auroc, aupro, geometric = LITE_RUNS[name][2]
-    metrics = lite_metrics(lite_data, name, *LITE_OPTIONS.get(name, ()))
-    assert metrics["I-AUROC"] >= i_auroc
-    assert metrics["P-AUROC"] >= p_auroc
-    assert metrics["AUPRO@30%"] >= aupro
+    check_measured("I-AUROC", metrics["I-AUROC"], minimum=i_auroc)
+    check_measured("P-AUROC", metrics["P-AUROC"], minimum=p_auroc)
+    check_measured("AUPRO@30%", metrics["AUPRO@30%"], minimum=aupro)
     per_defect = metrics["I-AUROC per defect type"]
-    assert np.mean([per_defect[d] for d in ("bump", "crack", "dent")]) >= geometric
+    check_measured("I-AUROC bump, crack, dent", np.mean([per_defect[d] for d in ("bump", "crack", "dent")]),
+                   minimum=geometric)
 
 
-def test_bf16_autocast_keeps_the_detection_metrics_detect(lite_data: tuple):
-    """--amp (bf16 autocast in training and inference) stays within 0.005 of fp32 (measured: I-AUROC 0.852 both,
-    P-AUROC 0.99138 against 0.99134, AUPRO@30% 0.96236 against 0.96222)."""
+def read_scores(run_dir: Path) -> dict[str, float]:
+    """Image score of every test sample of a run (``scores/dome.csv``)."""
+    with (run_dir / "scores" / "dome.csv").open() as handle:
+        return {row["sample"]: float(row["image_score"]) for row in csv.DictReader(handle)}
+
+
+# bf16 against fp32: the same training and test set, so the two runs differ only by bf16 rounding. What that
+# rounding does depends on the kernels (oneDNN uses AMX / AVX-512 bf16 instructions where the CPU has them and
+# other code elsewhere), so the test asserts what must hold on every CPU: the image scores agree closely and rank
+# the parts alike, the metrics agree within a few rank swaps of this 8 good × 16 defective test set (one swapped
+# pair moves I-AUROC by 1/128), and bf16 still detects. Spreads measured: docs/testing.md ("CPU code paths").
+BF16_IMAGE_SCORE_RANK_CORRELATION = 0.98
+BF16_IMAGE_SCORE_RELATIVE_DIFFERENCE = 0.03
+BF16_METRIC_TOLERANCE = {"I-AUROC": 3 / 128, "P-AUROC": 0.002, "AUPRO@30%": 0.005}
+
+
+def test_bf16_autocast_keeps_the_detection_metrics_detect(lite_data: tuple, check_measured: MeasuredCheck):
+    """--amp (bf16 autocast in training and inference) scores the parts as fp32 does, and detects."""
     fp32, bf16 = lite_metrics(lite_data, "cmdr"), lite_metrics(lite_data, "cmdr", "--amp")
-    for key in ("I-AUROC", "P-AUROC", "AUPRO@30%"):
-        assert abs(bf16[key] - fp32[key]) <= 0.005, key
     work, _ = lite_data
     sidecars = {run: json.loads(next((work / "ckpt" / run / "dome").glob("*.json")).read_text())
                 for run in ("cmdr", "cmdr_amp")}
     assert sidecars["cmdr_amp"]["amp"] and not sidecars["cmdr"]["amp"]
     assert sidecars["cmdr_amp"]["final_losses"] != sidecars["cmdr"]["final_losses"], "bf16 really ran"
+
+    scores = {run: read_scores(work / "results" / run) for run in ("cmdr", "cmdr_amp")}
+    assert scores["cmdr"].keys() == scores["cmdr_amp"].keys()
+    samples = sorted(scores["cmdr"])
+    full, half = (np.array([scores[run][s] for s in samples]) for run in ("cmdr", "cmdr_amp"))
+    check_measured("image score rank correlation", spearmanr(full, half).statistic,
+                   minimum=BF16_IMAGE_SCORE_RANK_CORRELATION)
+    check_measured("image score relative difference", np.max(np.abs(half - full) / np.abs(full)),
+                   maximum=BF16_IMAGE_SCORE_RELATIVE_DIFFERENCE)
+    for key, tolerance in BF16_METRIC_TOLERANCE.items():
+        check_measured(f"{key} difference", abs(bf16[key] - fp32[key]), maximum=tolerance)
+    check_lite_detection(check_measured, "cmdr", bf16)

@@ -43,7 +43,7 @@ def tiny_cache(synthetic_root: Path) -> FeatureCache:
 
 
 def test_features_that_mark_the_defects_separate_perfectly(synthetic_root: Path, tiny_cache: FeatureCache,
-                                                          monkeypatch: pytest.MonkeyPatch):
+                                                          monkeypatch: pytest.MonkeyPatch, check_measured):
     """The check must be able to say "separable": features that point elsewhere on gt pixels score 1.0."""
     real_features = tiny_cache.features
 
@@ -57,10 +57,11 @@ def test_features_that_mark_the_defects_separate_perfectly(synthetic_root: Path,
     monkeypatch.setattr(tiny_cache, "features", marked)
     result = class_separability(tiny_cache, synthetic_root, "dome", "rgbxyz", bank_stride=1)
     assert set(result) == {"F2D", "F3D"}
-    assert result["F3D"]["i_auroc"] == 1.0
-    assert result["F3D"]["p_auroc"] > 0.99
-    assert all(value == 1.0 for value in result["F3D"]["i_auroc_per_defect"].values())
-    assert result["F2D"]["i_auroc"] < 1.0  # the unmarked branch is not separated by construction
+    check_measured("F3D I-AUROC", result["F3D"]["i_auroc"], minimum=1.0)
+    check_measured("F3D P-AUROC", result["F3D"]["p_auroc"], minimum=0.99)
+    check_measured("F3D I-AUROC, worst defect type", min(result["F3D"]["i_auroc_per_defect"].values()), minimum=1.0)
+    # the unmarked branch is not separated by construction
+    check_measured("F2D I-AUROC", result["F2D"]["i_auroc"], maximum=0.999)
 
 
 def test_command_line_writes_json(synthetic_root: Path, tmp_path: Path):

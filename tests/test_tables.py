@@ -157,3 +157,21 @@ def test_flop_count_of_a_matrix_product():
 
     result, flops = count_flops(torch.mm, torch.randn(64, 32), torch.randn(32, 16))
     assert result.shape == (64, 16) and flops == 2 * 64 * 32 * 16
+
+
+def test_matmul_rate_keeps_to_its_time_budget(monkeypatch: pytest.MonkeyPatch):
+    """An emulated dtype must not take minutes: with the budget spent, the operands stop growing at 256."""
+    import benchmark
+    import torch
+
+    sizes = []
+    real_randn = torch.randn
+    monkeypatch.setattr(torch, "randn", lambda *shape, **kw: sizes.append(shape[0]) or real_randn(*shape, **kw))
+    monkeypatch.setattr(benchmark, "MATMUL_BUDGET_SECONDS", 0.0)
+    assert benchmark.matmul_rate(torch.device("cpu"), torch.float32) > 0
+    assert set(sizes) == {256}
+    sizes.clear()
+    monkeypatch.setattr(benchmark, "MATMUL_BUDGET_SECONDS", math.inf)
+    monkeypatch.setattr(benchmark, "MATMUL_SIZE", 512)
+    benchmark.matmul_rate(torch.device("cpu"), torch.float32)
+    assert sorted(set(sizes)) == [256, 512]

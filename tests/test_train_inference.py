@@ -480,3 +480,23 @@ def test_a_non_finite_loss_skips_only_its_own_module():
         unchanged = all(torch.equal(before[name][k], v) for k, v in module.named_parameters())
         assert unchanged == (name == "Dec2D"), name
     assert not optimizers["Dec2D"].state
+
+
+def test_amp_on_a_cpu_that_emulates_bf16_warns(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture):
+    from utils import pipeline
+
+    probed = []
+    monkeypatch.setattr(pipeline, "bf16_slowdown", lambda device: probed.append(device) or 30.0)
+    with caplog.at_level(logging.WARNING):
+        pipeline.warn_if_bf16_is_emulated(torch.device("cpu"), amp=False)
+        assert not probed and "--amp" not in caplog.text, "no probe without --amp"
+        pipeline.warn_if_bf16_is_emulated(torch.device("cpu"), amp=True)
+    assert "30× slower" in caplog.text
+    assert pipeline.BF16_EMULATED_SLOWDOWN < 30.0
+
+
+def test_bf16_slowdown_is_a_ratio_of_real_timings():
+    from utils.pipeline import bf16_slowdown
+
+    assert bf16_slowdown(torch.device("cpu"), size=64) > 0
+    assert bf16_slowdown(torch.device("meta")) == 1.0

@@ -6,6 +6,7 @@ import argparse
 import hashlib
 import logging
 import random
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -216,6 +217,38 @@ def autocast(device: torch.device, enabled: bool) -> torch.autocast:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
+# bf16 slower than fp32 by more than this on a CPU: it is emulated (no AVX-512 bf16 or AMX, or oneDNN held below
+# them): measured 3 × on an AVX2 code path for a whole lite training, ~1000 × for a bare matrix product
+BF16_EMULATED_SLOWDOWN = 4.0
+
+
+def bf16_slowdown(device: torch.device, size: int = 512) -> float:
+    """How many times slower a (size²) matrix product runs in bf16 than in fp32 on ``device`` (best of 3 each);
+    1.0 on CUDA, where bf16 is native wherever autocast offers it."""
+    if device.type != "cpu":
+        return 1.0
+    seconds = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a = torch.ones(size, size, dtype=dtype)
+        a @ a
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            a @ a
+            times.append(time.perf_counter() - start)
+        seconds[dtype] = min(times)
+    return seconds[torch.bfloat16] / max(seconds[torch.float32], 1e-9)
+
+
+def warn_if_bf16_is_emulated(device: torch.device, amp: bool) -> None:
+    """With ``--amp`` on a CPU that only emulates bf16, say so: it then slows the work down instead of speeding it
+    up (the results stay valid)."""
+    if amp and (slowdown := bf16_slowdown(device)) > BF16_EMULATED_SLOWDOWN:
+        logger.warning("--amp: bf16 matrix products run %.0f× slower than fp32 on this CPU (no native bf16: "
+                       "AVX-512 bf16 or AMX); training and inference will be slower with --amp than without",
+                       slowdown)
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, numpy and torch (CPU and CUDA)."""
     random.seed(seed)
@@ -232,6 +265,7 @@ def prepare_run(config: RunConfig) -> tuple[list[str], FeatureCache]:
     """
     device = resolve_device(config.device)
     class_names = resolve_class_names(config.dataset_path, config.class_names)
+    warn_if_bf16_is_emulated(device, config.amp)
     if config.modality != "rgb" and not is_background_removed(config.dataset_path):
         logger.warning("%s looks like raw data (no %s): the clouds still contain the table. Remove it first with "
                        "`python processing/preprocess_mvtec.py %s --out OUT`", config.dataset_path,
