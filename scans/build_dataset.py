@@ -1,7 +1,7 @@
 """Pseudo-labelled chunks from raw scans (README "3D-only inspection of raw scans").
 
     python -m scans.build_dataset SCANS_DIR --out DATA_DIR [--detector iso|lof|hybrid] [--level low|high]
-        [--chunk_size 9216|4096] [--tau 0.0025] [--split_by_scan] [--seed 42]
+        [--chunk_size 9216|4096] [--tau 0.0025] [--split_by_scan] [--seed 42] [--line_points N]
 
 1. An outlier detector on each scan's raw xyz flags points: IsolationForest (200 trees, contamination γ,
    random_state 42), LocalOutlierFactor (30 neighbours, contamination γ) or their union; γ = 1e-4 (low) or 1.5e-4
@@ -57,6 +57,12 @@ class ScanDatasetConfig:
     tau: float = 0.0025
     split_by_scan: bool = False
     seed: int = 42
+    line_points: int | None = None  # points per scan line when the files are rasters of lines (profilometers)
+
+    @property
+    def organised(self) -> bool:
+        """Whether a chunk's S × S layout is a grid of the surface: each of its rows one whole scan line."""
+        return self.line_points == int(round(self.chunk_size**0.5))
 
     def __post_init__(self) -> None:
         if self.detector not in DETECTORS or self.level not in CONTAMINATION:
@@ -136,6 +142,9 @@ def build(scans_dir: Path, out_dir: Path, config: ScanDatasetConfig) -> ScanChun
     contamination = CONTAMINATION[config.level]
     for index, path in enumerate(tqdm(files, desc="scans", unit="scan")):
         points = read_points(path)
+        if config.line_points and len(points) % config.line_points:
+            raise ScanDataError(f"{path}: {len(points)} points are not whole scan lines of --line_points "
+                                f"{config.line_points}; check the line length or leave the option out")
         flagged = outlier_mask(points, config.detector, contamination, config.seed)
         n_chunks = len(points) // config.chunk_size
         if n_chunks == 0:
@@ -194,10 +203,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tau", type=float, default=0.0025)
     parser.add_argument("--split_by_scan", action="store_true")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--line_points", type=int, default=None,
+                        help="points per scan line, when every scan is a raster of lines of this many points; with "
+                             "lines of the chunk's side (96 for 9216) the chunks are organised grids, and the lite "
+                             "preset reads them as geometry images")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        config = ScanDatasetConfig(args.detector, args.level, args.chunk_size, args.tau, args.split_by_scan, args.seed)
+        config = ScanDatasetConfig(args.detector, args.level, args.chunk_size, args.tau, args.split_by_scan, args.seed,
+                                   args.line_points)
         build(args.scans_dir, args.out, config)
     except InputError as err:  # the scans or the settings; anything else is a bug: traceback
         logger.error("%s", err)

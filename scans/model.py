@@ -18,8 +18,9 @@ import numpy as np
 import torch
 
 from networks.cmdr import build_module, feature_distance
-from networks.features import PRESETS, ExtractorConfig, MultimodalFeatures, PointParts, XYZParts
+from networks.features import PRESETS, ExtractorConfig, GridParts, MultimodalFeatures, PointParts, XYZParts
 from networks.fpfh import FPFHConfig
+from networks.geometry_images import GeometryImagesConfig
 from networks.fusion import box_filter
 from scans.build_dataset import ScanDataError
 from utils.io import atomic_path
@@ -29,14 +30,23 @@ logger = logging.getLogger(__name__)
 NORMALISATION_EPS = 1e-6
 # Version of the chunk features in the scan cache's file names: 2 = every point of a chunk is valid (version 1
 # dropped points with a normalised coordinate of exactly 0, e.g. the middle line of a line-scan chunk).
-SCAN_FEATURES_VERSION = 2
+SCAN_FEATURES_VERSION = 3  # 3: entries stored as named tensors (any kind of parts)
 
 
-def scan_extractor_config(preset: str, chunk_size: int) -> ExtractorConfig:
+def scan_extractor_config(preset: str, chunk_size: int, organised: bool = False) -> ExtractorConfig:
     """The preset's Point-MAE with the scan grouping (paper: 96 groups of 32 points) at the chunk's layout; for
-    ``lite``, FPFH with one feature per point of the layout."""
+    FPFH, one feature per point of the layout.
+
+    Geometry images (``lite``) need a layout whose neighbours are neighbours on the surface: with ``organised``
+    chunks (each row one whole scan line, ``scans.build_dataset --line_points``) they are computed on the S × S
+    layout; otherwise the layout is an artefact of the file order and the chunk gets FPFH, which needs no grid
+    (the preset's own FPFH settings where it concatenates FPFH, else ``FPFHConfig(grid_stride=2)``).
+    """
     base = PRESETS[preset]
     side = int(round(chunk_size**0.5))
+    if isinstance(base.xyz, GeometryImagesConfig):
+        xyz = base.xyz if organised else (base.xyz.fpfh or FPFHConfig(grid_stride=2))
+        return dataclasses.replace(base, img_size=side, feature_size=None, xyz=xyz)
     if isinstance(base.xyz, FPFHConfig):
         return dataclasses.replace(base, img_size=side, feature_size=None)
     groups = (96, 32) if preset == "paper" else (32, 16)
@@ -45,8 +55,8 @@ def scan_extractor_config(preset: str, chunk_size: int) -> ExtractorConfig:
 
 
 def build_extractor(preset: str, chunk_size: int, random_init: bool, pointmae_weights: Path | None,
-                    device: torch.device) -> MultimodalFeatures:
-    return MultimodalFeatures(scan_extractor_config(preset, chunk_size), random_init=random_init,
+                    device: torch.device, organised: bool = False) -> MultimodalFeatures:
+    return MultimodalFeatures(scan_extractor_config(preset, chunk_size, organised), random_init=random_init,
                               pointmae_weights=pointmae_weights, device=device, modality="xyz")
 
 
@@ -66,7 +76,6 @@ def organized(chunks: np.ndarray) -> torch.Tensor:
 def chunk_parts(extractor: MultimodalFeatures, chunks: np.ndarray, cache_dir: Path | None = None
                 ) -> list[XYZParts | PointParts]:
     """Frozen parts of every chunk; with ``cache_dir`` stored once per (chunks, extractor) and read afterwards."""
-    part_type = PointParts if isinstance(extractor.config.xyz, FPFHConfig) else XYZParts
     path = None
     if cache_dir is not None:
         digest = hashlib.sha256(np.ascontiguousarray(chunks).tobytes()).hexdigest()[:16]
@@ -74,8 +83,7 @@ def chunk_parts(extractor: MultimodalFeatures, chunks: np.ndarray, cache_dir: Pa
         path = Path(cache_dir) / name
         if path.is_file():
             try:
-                stored = torch.load(path, map_location="cpu", weights_only=True)
-                return [part_type(*p) for p in stored]
+                return [_parts_from_tensors(p) for p in torch.load(path, map_location="cpu", weights_only=True)]
             except Exception as err:  # truncated or corrupt: recompute
                 logger.warning("%s: unreadable feature cache (%s); recomputing", path, err)
     side = int(round(chunks.shape[1] ** 0.5))
@@ -91,8 +99,28 @@ def chunk_parts(extractor: MultimodalFeatures, chunks: np.ndarray, cache_dir: Pa
     parts = [part.to("cpu") for part in parts]
     if path is not None:
         with atomic_path(path) as tmp:
-            torch.save([dataclasses.astuple(p) for p in parts], tmp)
+            torch.save([_parts_to_tensors(p) for p in parts], tmp)
     return parts
+
+
+def _parts_to_tensors(part: XYZParts | PointParts | GridParts) -> dict[str, torch.Tensor]:
+    """A chunk's parts as named tensors (what ``torch.load(weights_only=True)`` reads back)."""
+    if isinstance(part, GridParts):
+        tensors = {"grid_features": part.features, "footprint": part.footprint}
+        if part.points is not None:
+            tensors.update(point_features=part.points.features, pixel_index=part.points.pixel_index)
+        return tensors
+    if isinstance(part, PointParts):
+        return {"point_features": part.features, "pixel_index": part.pixel_index}
+    return {f.name: getattr(part, f.name) for f in dataclasses.fields(part)}
+
+
+def _parts_from_tensors(tensors: dict[str, torch.Tensor]) -> XYZParts | PointParts | GridParts:
+    points = (PointParts(tensors["point_features"], tensors["pixel_index"]) if "point_features" in tensors
+              else None)
+    if "grid_features" in tensors:
+        return GridParts(tensors["grid_features"], tensors["footprint"], points)
+    return points if points is not None else XYZParts(**tensors)
 
 
 def chunk_scores(decoder: torch.nn.Module, extractor: MultimodalFeatures, parts: list[XYZParts | PointParts]

@@ -53,7 +53,7 @@ def load_data_and_extractor(args: argparse.Namespace):
     """The chunk dataset, its configuration and the frozen extractor sized for it, from the shared options."""
     data, data_config = load(args.data)
     extractor = build_extractor(args.preset, data_config.chunk_size, args.random_init, args.pointmae_weights,
-                                resolve_device(args.device))
+                                resolve_device(args.device), data_config.organised)
     return data, data_config, extractor
 
 

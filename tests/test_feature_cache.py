@@ -43,9 +43,16 @@ def test_round_trip_is_exact(extractor: MultimodalFeatures, batch, tmp_path: Pat
         assert torch.equal(a, b) and torch.equal(a, c)
 
 
-def test_lite_round_trip_is_exact(dataset_copy: Path, tmp_path: Path):
-    """Per-point FPFH parts and EfficientNet grids come back bit for bit; the lite preset has its own entries."""
-    extractor = MultimodalFeatures("lite")
+@pytest.mark.parametrize(("preset", "width"), [("lite", 152), ("lite_fpfh", 33), ("lite with FPFH", 185)])
+def test_lite_round_trip_is_exact(dataset_copy: Path, tmp_path: Path, preset: str, width: int):
+    """Geometry-image grids, per-point FPFH parts and EfficientNet grids come back bit for bit; the lite presets
+    have their own entries."""
+    from networks.features import FPFHConfig
+    from networks.geometry_images import GeometryImagesConfig
+
+    if preset == "lite with FPFH":  # geometry images and FPFH concatenated (GeometryImagesConfig.fpfh)
+        preset = dataclasses.replace(PRESETS["lite"], xyz=GeometryImagesConfig(fpfh=FPFHConfig(grid_stride=2)))
+    extractor = MultimodalFeatures(preset)
     dataset = open_split(extractor, dataset_copy, "dome", "train", "rgbxyz")
     batch = collate_samples([dataset[0], dataset[1]])
     fresh = extractor.get_features_maps(batch.rgb, batch.xyz)
@@ -55,7 +62,7 @@ def test_lite_round_trip_is_exact(dataset_copy: Path, tmp_path: Path):
     assert (cache.hits, cache.misses) == (4, 4)
     for a, b, c in zip(fresh, computed, cached):
         assert torch.equal(a, b) and torch.equal(a, c)
-    assert fresh[1].shape == (2, 56 * 56, 33)
+    assert fresh[1].shape == (2, 56 * 56, width)
 
 
 def test_another_feature_pipeline_version_recomputes(extractor: MultimodalFeatures, batch, tmp_path: Path,
@@ -72,19 +79,29 @@ def test_another_feature_pipeline_version_recomputes(extractor: MultimodalFeatur
 
 
 def test_another_fpfh_version_changes_only_the_fpfh_fingerprint(monkeypatch: pytest.MonkeyPatch):
-    """FPFH carries its own implementation version: a change there invalidates lite's 3D cache entries only."""
-    lite = MultimodalFeatures("lite")
+    """FPFH carries its own implementation version: a change there invalidates lite_fpfh's 3D cache entries only."""
+    lite = MultimodalFeatures("lite_fpfh")
     tiny = MultimodalFeatures("tiny", random_init=True)
     before = {name: (e.fingerprint("rgb"), e.fingerprint("xyz")) for name, e in (("lite", lite), ("tiny", tiny))}
     monkeypatch.setattr("networks.features.FPFH_VERSION", 99)
-    lite, tiny = MultimodalFeatures("lite"), MultimodalFeatures("tiny", random_init=True)
+    lite, tiny = MultimodalFeatures("lite_fpfh"), MultimodalFeatures("tiny", random_init=True)
     assert (lite.fingerprint("rgb"), tiny.fingerprint("rgb"), tiny.fingerprint("xyz")) == (
         before["lite"][0], before["tiny"][0], before["tiny"][1])
     assert lite.fingerprint("xyz") != before["lite"][1]
 
 
+def test_another_geometry_images_version_changes_only_their_fingerprint(monkeypatch: pytest.MonkeyPatch):
+    """Geometry images carry their own version too: lite's 3D entries change, lite_fpfh's and the RGB's stay."""
+    extractors = lambda: {name: MultimodalFeatures(name) for name in ("lite", "lite_fpfh")}  # noqa: E731
+    before = {name: (e.fingerprint("rgb"), e.fingerprint("xyz")) for name, e in extractors().items()}
+    monkeypatch.setattr("networks.features.GEOMETRY_IMAGES_VERSION", 99)
+    after = {name: (e.fingerprint("rgb"), e.fingerprint("xyz")) for name, e in extractors().items()}
+    assert after["lite_fpfh"] == before["lite_fpfh"] and after["lite"][0] == before["lite"][0]
+    assert after["lite"][1] != before["lite"][1]
+
+
 def test_fpfh_grid_stride_is_in_the_fingerprint_only_when_set():
-    """The stride changes lite's 3D fingerprint; FPFH on every point (BTF, Shape-Guided) keeps its old key, so
+    """The stride changes lite_fpfh's 3D fingerprint; FPFH on every point (BTF, Shape-Guided) keeps its old key, so
     their caches and fitted banks stay valid."""
     from networks.features import ExtractorConfig, FPFHConfig
 
@@ -93,7 +110,7 @@ def test_fpfh_grid_stride_is_in_the_fingerprint_only_when_set():
         return MultimodalFeatures(config, modality="xyz").fingerprint("xyz")
 
     assert "grid_stride" not in ExtractorConfig(xyz=FPFHConfig()).to_dict()["xyz"]
-    assert PRESETS["lite"].to_dict()["xyz"]["grid_stride"] == 2
+    assert PRESETS["lite_fpfh"].to_dict()["xyz"]["grid_stride"] == 2
     assert len({xyz_fingerprint(1), xyz_fingerprint(2), xyz_fingerprint(3)}) == 3
 
 

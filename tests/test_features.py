@@ -323,7 +323,9 @@ def test_preset_sizes_are_consistent():
             assert config.img_size % config.rgb.patch_size == 0
         assert (config.grid_size**2) % 32 == 0, "Decoder3D needs G² divisible by 32"
     lite = PRESETS["lite"]
-    assert (lite.img_size, lite.grid_size, lite.rgb_dim, lite.xyz_dim) == (224, 56, 152, 33)
+    assert (lite.img_size, lite.grid_size, lite.rgb_dim, lite.xyz_dim) == (224, 56, 152, 152)
+    lite_fpfh = PRESETS["lite_fpfh"]
+    assert (lite_fpfh.img_size, lite_fpfh.grid_size, lite_fpfh.rgb_dim, lite_fpfh.xyz_dim) == (224, 56, 152, 33)
     paper = PRESETS["paper"]
     assert (paper.img_size, paper.rgb_dim, paper.xyz_dim) == (224, 768, 1152)
     assert dataclasses.replace(paper.xyz).num_group == 1024 and paper.xyz.group_size == 128
@@ -341,9 +343,11 @@ def test_random_point_mae_uses_its_own_initialisation():
     assert torch.all(encoder.encoder.first_conv[0].bias == 0)
 
 
-def test_lite_foreground_mask_is_the_support_of_f3d_on_its_grid(synthetic_root):
-    """The 2D-only model's valid pixels on the lite preset's 56² grid are those where F3D (FPFH) is non-zero."""
-    extractor = MultimodalFeatures("lite", modality="xyz")
+@pytest.mark.parametrize("preset", ["lite", "lite_fpfh"])
+def test_lite_foreground_mask_is_the_support_of_f3d_on_its_grid(synthetic_root, preset: str):
+    """The 2D-only model's valid pixels on the lite presets' 56² grid are those where F3D (geometry images, FPFH)
+    is non-zero."""
+    extractor = MultimodalFeatures(preset, modality="xyz")
     dataset = open_split(extractor, synthetic_root, "dome", "test", "xyz")
     batch = collate_samples([dataset[0], dataset[1]])
     _, f3d = extractor.get_features_maps(None, batch.xyz)
@@ -353,8 +357,9 @@ def test_lite_foreground_mask_is_the_support_of_f3d_on_its_grid(synthetic_root):
 
 
 def test_lite_branches_side_by_side_give_the_sequential_maps(synthetic_root):
-    """lite computes FPFH in a side thread while the RGB backbone runs: the maps are those of one after the other."""
-    extractor = MultimodalFeatures("lite")
+    """lite_fpfh computes FPFH in a side thread while the RGB backbone runs: the maps are those of one after the
+    other."""
+    extractor = MultimodalFeatures("lite_fpfh")
     dataset = open_split(extractor, synthetic_root, "dome", "test", "rgbxyz")
     batch = collate_samples([dataset[0], dataset[1]])
     with torch.no_grad():

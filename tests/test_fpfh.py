@@ -170,7 +170,7 @@ def test_fpfh_tells_a_bump_from_a_plane():
 
 
 def test_a_cloud_with_too_few_points_is_an_error():
-    extractor = MultimodalFeatures("lite", modality="xyz")
+    extractor = MultimodalFeatures("lite_fpfh", modality="xyz")
     cloud = torch.zeros(1, 3, 224, 224)
     cloud[0, 0, 100, 100:110] = torch.linspace(0.01, 0.02, 10)
     cloud[0, 1:, 100, 100:110] = torch.tensor([0.02, 0.5])[:, None]

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from scans import build_dataset, inference, sweep, train
 from scans.build_dataset import ScanDatasetConfig, build, load, normalise_chunk
@@ -228,3 +229,44 @@ def test_sweep_writes_table8(scans_dir: Path, tmp_path: Path):
     table = (tmp_path / "table8.md").read_text()
     assert "| iso | 4096 | low |" in table and "| iso | 4096 | high |" in table
     assert len((tmp_path / "table8.csv").read_text().splitlines()) == 3
+
+
+def test_lite_reads_organised_chunks_as_geometry_images_and_others_with_fpfh(tmp_path: Path,
+                                                                              caplog: pytest.LogCaptureFixture):
+    """Scans that are rasters of 64-point lines make 64 × 64 chunks whose rows are scan lines: a grid of the
+    surface, read by the geometry images. Without --line_points the layout is file order, read with FPFH."""
+    from networks.fpfh import FPFHConfig
+    from networks.geometry_images import GeometryImagesConfig
+    from scans.model import build_extractor, chunk_parts, scan_extractor_config
+
+    assert isinstance(scan_extractor_config("lite", CHUNK).xyz, FPFHConfig)
+    organised = scan_extractor_config("lite", CHUNK, organised=True)
+    assert isinstance(organised.xyz, GeometryImagesConfig) and organised.img_size == 64
+    assert ScanDatasetConfig(chunk_size=CHUNK, line_points=64).organised
+    assert not ScanDatasetConfig(chunk_size=CHUNK, line_points=128).organised
+    assert not ScanDatasetConfig(chunk_size=CHUNK).organised
+
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    for seed in range(3):
+        np.save(scans / f"s{seed}.npy", make_scan(seed, rows=192, cols=64))
+    data = tmp_path / "data"
+    assert build_dataset.main([str(scans), "--out", str(data), "--chunk_size", str(CHUNK), "--line_points", "64",
+                               "--tau", "0.0002", "--detector", "lof"]) == 0
+    model = ["--data", str(data), "--checkpoint", str(tmp_path / "dec.pth"), "--preset", "lite", "--device", "cpu"]
+    assert train.main([*model, "--epochs_no", "1", "--batch_size", "4"]) == 0
+    sidecar = json.loads((tmp_path / "dec.json").read_text())
+    expected = build_extractor("lite", CHUNK, False, None, "cpu", organised=True).fingerprint("xyz")
+    assert sidecar["feature_fingerprint"] == expected
+    assert inference.main([*model, "--results_dir", str(tmp_path / "res"), "--run_name", "organised"]) == 0
+    # the cached parts of the training chunks read back as they were computed
+    extractor = build_extractor("lite", CHUNK, False, None, "cpu", organised=True)
+    chunks = load(data)[0].chunks[:2]
+    fresh = extractor.xyz_maps(chunk_parts(extractor, chunks, tmp_path / "cache"))
+    assert torch.equal(extractor.xyz_maps(chunk_parts(extractor, chunks, tmp_path / "cache")), fresh)
+    assert len(list((tmp_path / "cache").glob("scan_features_*.pt"))) == 1
+
+    with caplog.at_level(logging.ERROR):
+        assert build_dataset.main([str(scans), "--out", str(tmp_path / "bad"), "--chunk_size", str(CHUNK),
+                                   "--line_points", "100"]) == 1
+    assert "not whole scan lines of --line_points 100" in caplog.text

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from networks.features import FEATURE_PIPELINE_VERSION, MultimodalFeatures, PointParts, XYZParts
+from networks.features import FEATURE_PIPELINE_VERSION, GridParts, MultimodalFeatures, PointParts, XYZParts
 from utils.io import DatasetError, atomic_path
 from utils.mvtec3d import Batch, MVTec3DDataset, SampleRecord, make_dataloader
 
@@ -71,7 +71,7 @@ class FeatureCache:
 
     # --- entries -----------------------------------------------------------------------------------------------
 
-    def _load(self, branch: str, record: SampleRecord) -> torch.Tensor | XYZParts | PointParts | None:
+    def _load(self, branch: str, record: SampleRecord) -> torch.Tensor | XYZParts | PointParts | GridParts | None:
         path = self.entry_path(branch, record)
         if not path.is_file():
             return None
@@ -92,6 +92,10 @@ class FeatureCache:
             return None
         if branch == "rgb":
             return entry["tokens"]
+        if "grid_features" in entry:
+            points = (PointParts(entry["point_features"], entry["pixel_index"].long()) if "point_features" in entry
+                      else None)
+            return GridParts(entry["grid_features"], entry["footprint"].bool(), points)
         if "point_features" in entry:
             return PointParts(entry["point_features"], entry["pixel_index"].long())
         return XYZParts(
@@ -101,7 +105,8 @@ class FeatureCache:
             neighbour_weight=entry["neighbour_weight"],
         )
 
-    def _save(self, branch: str, record: SampleRecord, parts: torch.Tensor | XYZParts | PointParts) -> None:
+    def _save(self, branch: str, record: SampleRecord, parts: torch.Tensor | XYZParts | PointParts | GridParts
+              ) -> None:
         entry: dict[str, object] = {
             "format": CACHE_FORMAT,
             "fingerprint": self.extractor.fingerprint(branch),
@@ -114,6 +119,12 @@ class FeatureCache:
         elif isinstance(parts, PointParts):
             entry.update(point_features=parts.features.detach().cpu().contiguous(),
                          pixel_index=parts.pixel_index.cpu().to(torch.int32))
+        elif isinstance(parts, GridParts):
+            entry.update(grid_features=parts.features.detach().cpu().contiguous(),
+                         footprint=parts.footprint.cpu().bool())
+            if parts.points is not None:
+                entry.update(point_features=parts.points.features.detach().cpu().contiguous(),
+                             pixel_index=parts.points.pixel_index.cpu().to(torch.int32))
         else:  # compact integer types; converted back to int64 on load, so the round trip is exact
             n_groups = parts.group_features.shape[0]
             entry.update(
