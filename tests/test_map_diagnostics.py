@@ -108,3 +108,28 @@ def test_other_methods_are_refused(synthetic_root: Path, tmp_path: Path, caplog:
     assert map_diagnostics.main(["--checkpoint_folder", str(run_folder), "--class_names", "dome",
                                  "--dataset_path", str(synthetic_root), "--device", "cpu"]) == 1
     assert "need a CMDR-IAD 2D+3D run, this one is cfm" in caplog.text
+
+
+def test_compare_lite_3d_trains_each_variant_once_and_tabulates_them(synthetic_root: Path, tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture):
+    from networks.features import PRESETS
+    from scripts import compare_lite_3d
+
+    before = set(PRESETS)
+    arguments = ["--dataset_path", str(synthetic_root), "--class_names", "dome", "--out", str(tmp_path),
+                 "--variants", "geometry", "fpfh", "--epochs_no", "1"]
+    try:
+        assert compare_lite_3d.main(arguments) == 0
+        table = capsys.readouterr().out
+        for name in ("geometry", "fpfh"):
+            result = json.loads((tmp_path / f"{name}.json").read_text())["dome"]
+            assert {"full", "map_only", "rec_only", "case6", "d_rec2d"} <= set(result)
+            assert f"| {name} | {100 * result['full']['all']:.1f} " in table
+        # the variants' 3D branches differ, so their cache entries and runs do
+        assert json.loads((tmp_path / "geometry.json").read_text()) != json.loads((tmp_path / "fpfh.json").read_text())
+        stamp = (tmp_path / "geometry.json").stat().st_mtime_ns
+        assert compare_lite_3d.main(arguments) == 0  # done variants are read back, not trained again
+        assert (tmp_path / "geometry.json").stat().st_mtime_ns == stamp
+    finally:
+        for name in set(PRESETS) - before:
+            del PRESETS[name]

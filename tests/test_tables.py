@@ -123,6 +123,7 @@ def test_benchmark_writes_the_table4_keys(tmp_path: Path, model: str):
     for key in ("fps", "peak_memory_mb", "predictor_seconds_per_part", *training):
         assert results[key] > 0
     assert set(results["stages"]) == {"load", "features", "method", "total"}
+    assert set(results["branch_seconds"]) == {"rgb", "xyz"} and min(results["branch_seconds"].values()) > 0
     stages = results["stages"]  # the stages are consecutive clock readings: they add up to the total
     assert stages["total"] == pytest.approx(sum(v for k, v in stages.items() if k != "total"), rel=1e-6)
     roofline = results["roofline"]
