@@ -18,13 +18,14 @@ from networks.detector import MODALITIES, Detector
 from networks.detectors import (
     DEFAULT_MODEL, build_detector, detector_class, detector_names, extractor_config, parse_model_options,
 )
-from networks.features import PRESETS, MultimodalFeatures, foreground_mask
+from networks.features import PRESETS, MultimodalFeatures, footprint_mask, foreground_mask
 from networks.memory_bank import MemoryBankDetector
 from utils.feature_cache import FeatureCache
 from utils.io import InputError
 from utils.mvtec3d import (
     PREPROCESSED_MARKER, Batch, MVTec3DDataset, XyzPolicy, is_background_removed, resolve_class_names,
 )
+from utils.transforms import image_area
 
 logger = logging.getLogger(__name__)
 
@@ -330,13 +331,16 @@ def dataset_fingerprint(dataset: MVTec3DDataset) -> str:
 
 def valid_mask(batch: Batch, f3d: torch.Tensor | None, extractor: MultimodalFeatures) -> torch.Tensor:
     """(B, G²) valid pixels of the feature grid: F3D rows that are not all zero; for the 2D-only model the cloud's
-    foreground, or every pixel when there is no cloud."""
+    foreground, or, when there is no cloud, the cells that show the image (not the padding that squares a non-square
+    image: the replicated edge rows are nothing to learn or to score)."""
     if f3d is not None:
         return (f3d != 0).any(dim=-1)
     grid = extractor.grid_size
     if batch.xyz is not None:
         return foreground_mask(batch.xyz, grid).to(extractor.device)
-    return torch.ones(batch.rgb.shape[0], grid**2, dtype=torch.bool, device=extractor.device)
+    size = batch.rgb.shape[-1]
+    area = torch.stack([image_area(height, width, size) for height, width in batch.original_sizes])
+    return footprint_mask(area, grid).to(extractor.device)
 
 
 def setup_logging() -> None:

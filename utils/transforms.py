@@ -56,6 +56,16 @@ def pad_to_square(array: np.ndarray, mode: str = "edge") -> np.ndarray:
     return pad_centred(array, max(array.shape[:2]), mode)
 
 
+def image_area(height: int, width: int, size: int) -> torch.Tensor:
+    """Which pixels of the (size, size) network input show the (height, width) image rather than the padding that
+    :func:`pad_to_square` adds around a non-square one (nearest resize, like the clouds and masks).
+
+    Returns:
+        (size, size) bool.
+    """
+    return resize_nearest(pad_to_square(np.ones((height, width), dtype=np.float32), mode="constant"), size)[0] > 0
+
+
 def resize_nearest(array: np.ndarray, size: int) -> torch.Tensor:
     """Nearest-neighbour resize with ``F.interpolate(mode="nearest")`` semantics.
 
