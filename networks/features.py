@@ -28,7 +28,7 @@ import json
 import logging
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -241,6 +241,35 @@ class GridParts:
         if self.points is not None:
             result = torch.cat((result, self.points.pixel_map(img_size, grid_size)), dim=1)
         return result if out is None else out.copy_(result)
+
+
+def parts_to_tensors(parts: XYZParts | PointParts | GridParts) -> dict[str, torch.Tensor]:
+    """One sample's 3D parts as named CPU tensors (what ``torch.load(weights_only=True)`` reads back), with compact
+    integer types; :func:`parts_from_tensors` restores them exactly. The names are the feature cache's format."""
+    if isinstance(parts, GridParts):
+        tensors = {"grid_features": parts.features.detach().cpu().contiguous(),
+                   "footprint": parts.footprint.cpu().bool()}
+        return tensors if parts.points is None else {**tensors, **parts_to_tensors(parts.points)}
+    if isinstance(parts, PointParts):
+        return {"point_features": parts.features.detach().cpu().contiguous(),
+                "pixel_index": parts.pixel_index.cpu().to(torch.int32)}
+    n_groups = parts.group_features.shape[0]
+    return {"group_features": parts.group_features.detach().cpu().contiguous(),
+            "pixel_index": parts.pixel_index.cpu().to(torch.int32),
+            "neighbour_index": parts.neighbour_index.cpu().to(torch.int16 if n_groups < 2**15 else torch.int32),
+            "neighbour_weight": parts.neighbour_weight.detach().cpu().contiguous()}
+
+
+def parts_from_tensors(tensors: Mapping[str, torch.Tensor]) -> XYZParts | PointParts | GridParts:
+    """The inverse of :func:`parts_to_tensors` (other keys of ``tensors`` are ignored)."""
+    points = PointParts(tensors["point_features"], tensors["pixel_index"].long()) \
+        if "point_features" in tensors else None
+    if "grid_features" in tensors:
+        return GridParts(tensors["grid_features"], tensors["footprint"].bool(), points)
+    if points is not None:
+        return points
+    return XYZParts(tensors["group_features"], tensors["pixel_index"].long(), tensors["neighbour_index"].long(),
+                    tensors["neighbour_weight"])
 
 
 def _side_thread() -> ThreadPoolExecutor:

@@ -18,7 +18,9 @@ import numpy as np
 import torch
 
 from networks.cmdr import build_module, feature_distance
-from networks.features import PRESETS, ExtractorConfig, GridParts, MultimodalFeatures, PointParts, XYZParts
+from networks.features import (
+    PRESETS, ExtractorConfig, GridParts, MultimodalFeatures, PointParts, XYZParts, parts_from_tensors, parts_to_tensors,
+)
 from networks.fpfh import FPFHConfig
 from networks.geometry_images import GeometryImagesConfig
 from networks.fusion import box_filter
@@ -74,7 +76,7 @@ def organized(chunks: np.ndarray) -> torch.Tensor:
 
 
 def chunk_parts(extractor: MultimodalFeatures, chunks: np.ndarray, cache_dir: Path | None = None
-                ) -> list[XYZParts | PointParts]:
+                ) -> list[XYZParts | PointParts | GridParts]:
     """Frozen parts of every chunk; with ``cache_dir`` stored once per (chunks, extractor) and read afterwards."""
     path = None
     if cache_dir is not None:
@@ -83,7 +85,7 @@ def chunk_parts(extractor: MultimodalFeatures, chunks: np.ndarray, cache_dir: Pa
         path = Path(cache_dir) / name
         if path.is_file():
             try:
-                return [_parts_from_tensors(p) for p in torch.load(path, map_location="cpu", weights_only=True)]
+                return [parts_from_tensors(p) for p in torch.load(path, map_location="cpu", weights_only=True)]
             except Exception as err:  # truncated or corrupt: recompute
                 logger.warning("%s: unreadable feature cache (%s); recomputing", path, err)
     side = int(round(chunks.shape[1] ** 0.5))
@@ -99,32 +101,12 @@ def chunk_parts(extractor: MultimodalFeatures, chunks: np.ndarray, cache_dir: Pa
     parts = [part.to("cpu") for part in parts]
     if path is not None:
         with atomic_path(path) as tmp:
-            torch.save([_parts_to_tensors(p) for p in parts], tmp)
+            torch.save([parts_to_tensors(p) for p in parts], tmp)
     return parts
 
 
-def _parts_to_tensors(part: XYZParts | PointParts | GridParts) -> dict[str, torch.Tensor]:
-    """A chunk's parts as named tensors (what ``torch.load(weights_only=True)`` reads back)."""
-    if isinstance(part, GridParts):
-        tensors = {"grid_features": part.features, "footprint": part.footprint}
-        if part.points is not None:
-            tensors.update(point_features=part.points.features, pixel_index=part.points.pixel_index)
-        return tensors
-    if isinstance(part, PointParts):
-        return {"point_features": part.features, "pixel_index": part.pixel_index}
-    return {f.name: getattr(part, f.name) for f in dataclasses.fields(part)}
-
-
-def _parts_from_tensors(tensors: dict[str, torch.Tensor]) -> XYZParts | PointParts | GridParts:
-    points = (PointParts(tensors["point_features"], tensors["pixel_index"]) if "point_features" in tensors
-              else None)
-    if "grid_features" in tensors:
-        return GridParts(tensors["grid_features"], tensors["footprint"], points)
-    return points if points is not None else XYZParts(**tensors)
-
-
-def chunk_scores(decoder: torch.nn.Module, extractor: MultimodalFeatures, parts: list[XYZParts | PointParts]
-                 ) -> tuple[np.ndarray, np.ndarray]:
+def chunk_scores(decoder: torch.nn.Module, extractor: MultimodalFeatures,
+                 parts: list[XYZParts | PointParts | GridParts]) -> tuple[np.ndarray, np.ndarray]:
     """Anomaly maps and chunk scores: d = ‖normalize(pred) − normalize(feature)‖ per point on valid points, one 5×5
     box pass, divided by sqrt(mean of the non-zero values + 1e-6); chunk score = max.
 

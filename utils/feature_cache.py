@@ -23,7 +23,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from networks.features import FEATURE_PIPELINE_VERSION, GridParts, MultimodalFeatures, PointParts, XYZParts
+from networks.features import (
+    FEATURE_PIPELINE_VERSION, GridParts, MultimodalFeatures, PointParts, XYZParts, parts_from_tensors, parts_to_tensors,
+)
 from utils.io import DatasetError, atomic_path
 from utils.mvtec3d import Batch, MVTec3DDataset, SampleRecord, make_dataloader
 
@@ -90,20 +92,7 @@ class FeatureCache:
             logger.info("%s: stale cache entry (other extractor, feature pipeline version or changed source file); "
                         "recomputing", path)
             return None
-        if branch == "rgb":
-            return entry["tokens"]
-        if "grid_features" in entry:
-            points = (PointParts(entry["point_features"], entry["pixel_index"].long()) if "point_features" in entry
-                      else None)
-            return GridParts(entry["grid_features"], entry["footprint"].bool(), points)
-        if "point_features" in entry:
-            return PointParts(entry["point_features"], entry["pixel_index"].long())
-        return XYZParts(
-            group_features=entry["group_features"],
-            pixel_index=entry["pixel_index"].long(),
-            neighbour_index=entry["neighbour_index"].long(),
-            neighbour_weight=entry["neighbour_weight"],
-        )
+        return entry["tokens"] if branch == "rgb" else parts_from_tensors(entry)
 
     def _save(self, branch: str, record: SampleRecord, parts: torch.Tensor | XYZParts | PointParts | GridParts
               ) -> None:
@@ -116,23 +105,8 @@ class FeatureCache:
         }
         if branch == "rgb":
             entry["tokens"] = parts.detach().cpu().contiguous()
-        elif isinstance(parts, PointParts):
-            entry.update(point_features=parts.features.detach().cpu().contiguous(),
-                         pixel_index=parts.pixel_index.cpu().to(torch.int32))
-        elif isinstance(parts, GridParts):
-            entry.update(grid_features=parts.features.detach().cpu().contiguous(),
-                         footprint=parts.footprint.cpu().bool())
-            if parts.points is not None:
-                entry.update(point_features=parts.points.features.detach().cpu().contiguous(),
-                             pixel_index=parts.points.pixel_index.cpu().to(torch.int32))
-        else:  # compact integer types; converted back to int64 on load, so the round trip is exact
-            n_groups = parts.group_features.shape[0]
-            entry.update(
-                group_features=parts.group_features.detach().cpu().contiguous(),
-                pixel_index=parts.pixel_index.cpu().to(torch.int32),
-                neighbour_index=parts.neighbour_index.cpu().to(torch.int16 if n_groups < 2**15 else torch.int32),
-                neighbour_weight=parts.neighbour_weight.detach().cpu().contiguous(),
-            )
+        else:  # compact integer types, converted back on load: the round trip is exact
+            entry.update(parts_to_tensors(parts))
         with atomic_path(self.entry_path(branch, record)) as tmp:
             torch.save(entry, tmp)
 
