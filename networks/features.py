@@ -272,6 +272,13 @@ def parts_from_tensors(tensors: Mapping[str, torch.Tensor]) -> XYZParts | PointP
                     tensors["neighbour_weight"])
 
 
+def _fpfh_parts(fpfh: FPFHExtractor, points: torch.Tensor, pixel_index: torch.Tensor, side: int) -> PointParts:
+    """FPFH of one cloud's valid ``points`` (N, 3), whose flat pixel indices in its side × side layout are
+    ``pixel_index`` (N,)."""
+    pixels = torch.stack((pixel_index // side, pixel_index % side), dim=1)
+    return PointParts(fpfh(points, pixels), pixel_index)
+
+
 def _side_thread() -> ThreadPoolExecutor:
     """A one-thread executor of this process (a forked child gets its own)."""
     return _side_thread_of(os.getpid())
@@ -599,9 +606,7 @@ class MultimodalFeatures(nn.Module):
             pixel_index = torch.nonzero(keep).squeeze(1)
             points = points[pixel_index]
             if isinstance(self.xyz_backbone, FPFHExtractor):
-                side = cloud.shape[-1]
-                pixels = torch.stack((pixel_index // side, pixel_index % side), dim=1)
-                parts.append(PointParts(self.xyz_backbone(points, pixels), pixel_index))
+                parts.append(_fpfh_parts(self.xyz_backbone, points, pixel_index, cloud.shape[-1]))
                 continue
             neighbourhoods, centres = self.xyz_backbone.group(points)
             group_features = self.xyz_backbone(neighbourhoods.float(), centres.float()).float()
@@ -629,12 +634,11 @@ class MultimodalFeatures(nn.Module):
 
     def _scaled_fpfh_parts(self, organized_pc: torch.Tensor, valid: torch.Tensor, scale: float) -> list[PointParts]:
         parts = []
-        side = organized_pc.shape[-1]
         for cloud, keep in zip(organized_pc, valid):
             pixel_index = torch.nonzero(keep.reshape(-1)).squeeze(1)
-            points = cloud.reshape(3, -1).T[pixel_index]
-            pixels = torch.stack((pixel_index // side, pixel_index % side), dim=1)
-            parts.append(PointParts(self.xyz_backbone.fpfh(points, pixels) * scale, pixel_index))
+            part = _fpfh_parts(self.xyz_backbone.fpfh, cloud.reshape(3, -1).T[pixel_index], pixel_index,
+                               cloud.shape[-1])
+            parts.append(PointParts(part.features * scale, pixel_index))
         return parts
 
     # --- maps: exact assembly ----------------------------------------------------------------------------------

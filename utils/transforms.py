@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import numpy as np
@@ -56,9 +57,11 @@ def pad_to_square(array: np.ndarray, mode: str = "edge") -> np.ndarray:
     return pad_centred(array, max(array.shape[:2]), mode)
 
 
+@functools.lru_cache(maxsize=32)
 def image_area(height: int, width: int, size: int) -> torch.Tensor:
     """Which pixels of the (size, size) network input show the (height, width) image rather than the padding that
-    :func:`pad_to_square` adds around a non-square one (nearest resize, like the clouds and masks).
+    :func:`pad_to_square` adds around a non-square one (nearest resize, like the clouds and masks). Cached: every
+    batch of a 2D-only run asks for it, with the few sizes a dataset has; callers must not modify the result.
 
     Returns:
         (size, size) bool.
