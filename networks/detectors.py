@@ -12,7 +12,9 @@ from typing import Any
 import networks.btf  # noqa: F401
 import networks.cfm  # noqa: F401
 import networks.cmdr  # noqa: F401
+import networks.m3dm  # noqa: F401
 import networks.mafr  # noqa: F401
+import networks.patchcore  # noqa: F401
 import networks.shape_guided  # noqa: F401
 from networks.detector import DETECTORS, Detector
 from networks.features import PRESETS, ExtractorConfig

@@ -99,6 +99,9 @@ class ExtractorConfig:
             upsampled to S before the fusion, whose smoothing kernels are sized for S = 224.
         stage_pooling: how a CNN backbone's stages meet on one grid (:func:`networks.resnet.combine_stages`);
             None: ``bilinear``. BTF and Shape-Guided use ``avg3``.
+        rgb_upsampling: how the RGB backbone's grid is resized to G (:meth:`MultimodalFeatures.rgb_maps`):
+            ``bilinear``, or ``nearest`` (M3DM: AdaptiveAvgPool2d(56) on its 28² tokens replicates each twice,
+            so that the native grid stays exactly recoverable).
     """
 
     img_size: int = 224
@@ -107,6 +110,7 @@ class ExtractorConfig:
     bn_mode: BNMode = "sample"
     feature_size: int | None = None
     stage_pooling: str | None = None
+    rgb_upsampling: str = "bilinear"
 
     @property
     def grid_size(self) -> int:
@@ -131,6 +135,8 @@ class ExtractorConfig:
         if isinstance(self.xyz, FPFHConfig) and self.xyz.grid_stride == 1:
             # only when set: FPFH on every point keeps the fingerprints and checkpoints it had before the option
             del settings["xyz"]["grid_stride"]
+        if self.rgb_upsampling == "bilinear":  # likewise: the runs before the option keep their identity
+            del settings["rgb_upsampling"]
         return settings
 
 
@@ -644,10 +650,14 @@ class MultimodalFeatures(nn.Module):
     # --- maps: exact assembly ----------------------------------------------------------------------------------
 
     def rgb_maps(self, parts: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Bilinear (align_corners=False) resizing of the feature grids → F2D (B, G², C2)."""
+        """Bilinear (align_corners=False) or nearest resizing of the feature grids (the configuration's
+        ``rgb_upsampling``) → F2D (B, G², C2)."""
         grid = torch.stack([p.to(self.device) for p in parts])
         size = (self.grid_size, self.grid_size)
-        upsampled = F.interpolate(grid, size=size, mode="bilinear", align_corners=False)
+        if self.config.rgb_upsampling == "nearest":
+            upsampled = F.interpolate(grid, size=size, mode="nearest")
+        else:
+            upsampled = F.interpolate(grid, size=size, mode="bilinear", align_corners=False)
         return upsampled.flatten(2).transpose(1, 2)
 
     def xyz_maps(self, parts: Sequence[XYZParts | PointParts | GridParts]) -> torch.Tensor:

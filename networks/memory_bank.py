@@ -81,26 +81,40 @@ def random_projection(features: torch.Tensor, eps: float = PROJECTION_EPS, seed:
 
 def greedy_coreset(features: torch.Tensor, fraction: float, eps: float = PROJECTION_EPS,
                    seed: int = PROJECTION_SEED, progress: bool = True) -> torch.Tensor:
-    """Indices of a greedy k-center coreset of ``int(fraction · N)`` rows (at least 1) of (N, D) ``features``.
+    """Indices of a greedy k-center coreset of ``int(fraction · N)`` rows (at least 1) of (N, D) ``features``
+    (:func:`greedy_coreset_of_size`); ``fraction`` ≥ 1 keeps every row."""
+    return greedy_coreset_of_size(features, max(1, int(fraction * len(features))), eps, seed, progress)
+
+
+def greedy_coreset_of_size(features: torch.Tensor, n: int, eps: float = PROJECTION_EPS,
+                           seed: int = PROJECTION_SEED, progress: bool = True) -> torch.Tensor:
+    """Indices of a greedy k-center coreset of ``n`` rows of (N, D) ``features`` (every row when n ≥ N).
 
     Start at index 0; repeatedly add the row farthest (Euclidean, in the random projection) from the rows chosen
-    so far. ``fraction`` ≥ 1 keeps every row.
+    so far.
 
     Returns:
         (n,) int64 indices in selection order.
     """
     count = len(features)
-    n = max(1, int(fraction * count))
+    n = max(1, n)
     if n >= count:
         return torch.arange(count)
     projected = random_projection(features, eps, seed)
+    # squared distances as ‖x‖² − 2 x·c + ‖c‖²: one matrix-vector product per step instead of an (N, D)
+    # difference (≈10 × faster); the farthest row is the same, as the order of distances is that of their squares
+    norms = projected.square().sum(dim=1)
+
+    def squared_distances(index: int) -> torch.Tensor:
+        return (norms - 2 * (projected @ projected[index]) + norms[index]).clamp_min_(0)
+
     selected = torch.empty(n, dtype=torch.long)
     selected[0] = 0
-    min_distances = torch.linalg.vector_norm(projected - projected[0], dim=1)
+    min_distances = squared_distances(0)
     for i in tqdm(range(1, n), desc="coreset", unit="row", leave=False, disable=not progress):
         index = int(torch.argmax(min_distances))
         selected[i] = index
-        min_distances = torch.minimum(min_distances, torch.linalg.vector_norm(projected - projected[index], dim=1))
+        min_distances = torch.minimum(min_distances, squared_distances(index))
     return selected
 
 
@@ -127,7 +141,7 @@ def nearest_neighbours(queries: torch.Tensor, bank: torch.Tensor, k: int = 1, ch
 
 
 def reweighted_image_score(patches: torch.Tensor, patch_distances: torch.Tensor, nearest: torch.Tensor,
-                           bank: torch.Tensor, neighbours: int = 3) -> torch.Tensor:
+                           bank: torch.Tensor, neighbours: int = 3, divisor: float = 1.0) -> torch.Tensor:
     """PatchCore's image score w · s* of one image.
 
     s* = the largest patch distance, m_test its patch, m* = its nearest bank row; N_b = the ``neighbours``
@@ -136,14 +150,15 @@ def reweighted_image_score(patches: torch.Tensor, patch_distances: torch.Tensor,
     Args:
         patches: (P, D) the image's patch features. patch_distances: (P,) distance to the nearest bank row.
         nearest: (P,) that row's index. bank: (N, D).
+        divisor: s* and the ‖m_test − b‖ divided by it first (M3DM's two-bank mode divides by 1000).
     """
     worst = torch.argmax(patch_distances)
-    s_star = patch_distances[worst]
+    s_star = patch_distances[worst] / divisor
     m_test = patches[worst]
     _, around = nearest_neighbours(bank[nearest[worst]][None], bank, k=min(neighbours, len(bank)))
     others = bank[around[0, 1:]] if len(bank) > 1 else bank
     scale = math.sqrt(patches.shape[1])
-    knn_distances = torch.linalg.vector_norm(m_test - others, dim=1)
+    knn_distances = torch.linalg.vector_norm(m_test - others, dim=1) / divisor
     weight = 1 - torch.exp(s_star / scale) / torch.exp(knn_distances / scale).sum()
     return weight * s_star
 

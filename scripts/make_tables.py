@@ -37,7 +37,8 @@ SUMMARY_METRICS = ("I-AUROC", "P-AUROC", "AUPRO@30%", "AUPRO@1%")
 Row = tuple[str, Mapping[str, float | None]]  # label, column -> value in percent (None: not available)
 
 
-METHOD_NAMES = {"cmdr": "CMDR-IAD", "cfm": "CFM", "mafr": "MAFR", "btf": "BTF", "shape_guided": "Shape-Guided"}
+METHOD_NAMES = {"cmdr": "CMDR-IAD", "cfm": "CFM", "mafr": "MAFR", "btf": "BTF", "shape_guided": "Shape-Guided",
+                "m3dm": "M3DM", "patchcore": "PatchCore"}
 RunKey = tuple[str, str, str]  # model, setting, fusion
 
 

@@ -115,6 +115,8 @@ def test_fused_map_ranks_oracle_defect_pixels_first_detect(name: str, check_meas
 #   cfm,  10 epochs, batch 2 (≈10 s): 0.813, 0.977, 0.909; 0.81 mean of the three
 #   mafr, 20 epochs, batch 1 (≈40 s): 0.875, 0.989, 0.953; 0.96 mean (FPFH before: 0.766, 0.987, 0.949)
 #   btf, fitted (≈7 s): 0.789, 0.995, 0.979; 1.0, 1.0, 1.0 (its own 28² lite features with FPFH; stains 0.33).
+#   m3dm, fitted (≈10 s; two banks + DLF): 0.813, 0.979, 0.912; 0.90 mean of the three.
+#   patchcore, fitted (≈10 s; lite's own features, geometry images): 0.844, 0.984, 0.933; 0.91 mean.
 #   shape_guided, expert 100 steps (≈40 s): 0.781, 0.921, 0.760; 0.86 mean (300 steps, the default:
 #   0.812, 0.920, 0.754; 0.75, 1.0, 0.84 in ≈2.5 min).
 # With the final map inverted (x → 1/x on its positive values) both tests of this file fail on their assertions.
@@ -126,6 +128,8 @@ LITE_RUNS = {  # epochs, batch size; thresholds: I-AUROC, P-AUROC, AUPRO@30%, me
     "cfm": (10, 2, (0.72, 0.94, 0.84, 0.7)),
     "mafr": (20, 1, (0.78, 0.95, 0.88, 0.85)),
     "btf": (1, 2, (0.75, 0.95, 0.9, 0.9)),  # fitted in one pass: no epochs
+    "m3dm": (1, 2, (0.75, 0.95, 0.87, 0.85)),
+    "patchcore": (1, 2, (0.78, 0.95, 0.89, 0.85)),
     "shape_guided": (1, 2, (0.65, 0.85, 0.65, 0.7)),
 }
 LITE_OPTIONS = {"shape_guided": ("--model_option", "expert_steps=100")}  # shorter than the default, for CI

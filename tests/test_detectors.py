@@ -25,7 +25,7 @@ TINY = PRESETS["tiny"]
 CASES = [(name, modality) for name in sorted(DETECTORS) for modality in DETECTORS[name].modalities]
 TRAINED = [(n, m) for n, m in CASES if not issubclass(DETECTORS[n], MemoryBankDetector)]  # gradient-trained
 FITTED = [(n, m) for n, m in CASES if issubclass(DETECTORS[n], MemoryBankDetector)]  # memory-bank methods
-QUICK = {"shape_guided": {"expert_steps": 3}}  # options that keep a method's fit short in these tests
+QUICK = {"shape_guided": {"expert_steps": 3}, "m3dm": {"coreset": 1.0}}  # short fits; every seen patch kept
 
 
 def features(config=TINY, batch: int = 2, seed: int = 0):
@@ -52,9 +52,14 @@ def clouds(config=TINY, batch: int = 2, seed: int = 0) -> torch.Tensor:
     return torch.stack([xx.expand_as(z), yy.expand_as(z), z], dim=1)
 
 
+def tiny(name: str):
+    """The tiny extractors a method runs on: its own (M3DM replicates the RGB tokens 2 × 2) or the shared."""
+    return DETECTORS[name].presets.get("tiny", TINY)
+
+
 def fit(model, seed: int = 5):
     """Fit a memory-bank method on one batch of random features and clouds."""
-    f2d, f3d, mask = features(seed=seed)
+    f2d, f3d, mask = features(model.config, seed=seed)
     return model.fit([(*inputs(model, f2d, f3d), mask, clouds(seed=seed))])
 
 
@@ -93,15 +98,15 @@ def test_forward_backward_every_parameter_gets_a_gradient(name: str, modality: s
 @pytest.mark.parametrize(("name", "modality"), CASES)
 def test_checkpoint_round_trip_and_identity(name: str, modality: str, tmp_path):
     torch.manual_seed(0)
-    model = build_detector(name, TINY, modality, **QUICK.get(name, {})).eval()
+    model = build_detector(name, tiny(name), modality, **QUICK.get(name, {})).eval()
     if isinstance(model, MemoryBankDetector):
         fit(model)
     identity = {"model": name, "modality": modality, "model_options": model.options()}
     save_modules(model.trainable(), tmp_path, "dome", 3, 2, sidecar=identity)
     torch.manual_seed(1)
-    loaded = build_detector(name, TINY, modality, **QUICK.get(name, {})).eval()
+    loaded = build_detector(name, tiny(name), modality, **QUICK.get(name, {})).eval()
     load_modules(loaded.trainable(), tmp_path, "dome", 3, 2, expected=identity)
-    f2d, f3d, mask = features()
+    f2d, f3d, mask = features(tiny(name))
     with torch.no_grad():
         first, second = (m.predict(*inputs(m, f2d, f3d), mask, xyz=clouds(seed=1)) for m in (model, loaded))
     assert torch.equal(first.maps, second.maps) and torch.equal(first.image_scores, second.image_scores)
@@ -255,16 +260,16 @@ def test_mafr_training_losses_and_map(smoothness: str):
 
 @pytest.mark.parametrize(("name", "modality"), FITTED)
 def test_memory_bank_method_fits_and_predicts(name: str, modality: str):
-    model = build_detector(name, TINY, modality, **QUICK.get(name, {})).eval()
+    model = build_detector(name, tiny(name), modality, **QUICK.get(name, {})).eval()
     assert model.optimizer_groups() == {}
     with pytest.raises(TypeError, match="fitted"):
-        model.losses(*features())
-    f2d, f3d, mask = features(seed=5)
+        model.losses(*features(model.config))
+    f2d, f3d, mask = features(model.config, seed=5)
     statistics = fit(model)
     assert statistics["bank_megabytes"] > 0
     with torch.no_grad():
         prediction = model.predict(*inputs(model, f2d, f3d), mask, xyz=clouds(seed=5))
-        other = model.predict(*inputs(model, *features(seed=6)[:2]), mask, xyz=clouds(seed=6))
+        other = model.predict(*inputs(model, *features(model.config, seed=6)[:2]), mask, xyz=clouds(seed=6))
     size = TINY.img_size
     assert prediction.maps.shape == prediction.pixel_scores.shape == (2, size, size)
     assert prediction.image_scores.shape == (2,) and torch.isfinite(prediction.image_scores).all()

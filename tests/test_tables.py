@@ -108,7 +108,7 @@ def test_a_second_run_of_the_same_row_replaces_the_first(tmp_path: Path, modalit
     assert "| 3D ours | 60.0 |" in (tmp_path / "t" / "tables.md").read_text()
 
 
-@pytest.mark.parametrize("model", ["cmdr", "mafr", "btf", "shape_guided"])
+@pytest.mark.parametrize("model", ["cmdr", "mafr", "btf", "shape_guided", "m3dm"])
 def test_benchmark_writes_the_table4_keys(tmp_path: Path, model: str):
     import benchmark
 
@@ -118,7 +118,7 @@ def test_benchmark_writes_the_table4_keys(tmp_path: Path, model: str):
                            "--out", str(out)]) == 0
     results = json.loads(out.read_text())
     assert results["model"] == model
-    training = ("fit_seconds", "bank_megabytes") if model in ("btf", "shape_guided") else \
+    training = ("fit_seconds", "bank_megabytes") if model in ("btf", "shape_guided", "m3dm") else \
         ("train_epoch_seconds_cached", "train_epoch_seconds_uncached", "snapshot_seconds", "snapshot_megabytes")
     for key in ("fps", "peak_memory_mb", "predictor_seconds_per_part", *training):
         assert results[key] > 0
