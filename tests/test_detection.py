@@ -10,6 +10,7 @@ For every registered method (``--model``):
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -37,6 +38,9 @@ MeasuredCheck = Callable[..., None]  # the check_measured fixture (conftest.py)
 ORACLE_CONFIG = ExtractorConfig(img_size=64, feature_size=32, rgb=ViTConfig(timm_name=None, embed_dim=48),
                                 xyz=FPFHConfig())
 LATENT = 4
+# M3DM reads RGB tokens replicated 2 × 2 onto the grid (its presets' nearest upsampling); the oracle's smooth
+# features stand in for them
+ORACLE_CONFIGS = {"m3dm": dataclasses.replace(ORACLE_CONFIG, rgb_upsampling="nearest")}
 
 
 def oracle_features(rng: np.random.Generator, mixing: tuple[np.ndarray, np.ndarray], n: int,
@@ -71,7 +75,7 @@ def test_fused_map_ranks_oracle_defect_pixels_first_detect(name: str, check_meas
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     mixing = (rng.normal(size=(LATENT, ORACLE_CONFIG.rgb_dim)), rng.normal(size=(LATENT, ORACLE_CONFIG.xyz_dim)))
-    model = build_detector(name, ORACLE_CONFIG).train()
+    model = build_detector(name, ORACLE_CONFIGS.get(name, ORACLE_CONFIG)).train()
     f2d, f3d, valid, _ = oracle_features(rng, mixing, 16)
     if isinstance(model, MemoryBankDetector):
         model.fit([(f2d, f3d, valid)])
@@ -115,7 +119,8 @@ def test_fused_map_ranks_oracle_defect_pixels_first_detect(name: str, check_meas
 #   cfm,  10 epochs, batch 2 (≈10 s): 0.813, 0.977, 0.909; 0.81 mean of the three
 #   mafr, 20 epochs, batch 1 (≈40 s): 0.875, 0.989, 0.953; 0.96 mean (FPFH before: 0.766, 0.987, 0.949)
 #   btf, fitted (≈7 s): 0.789, 0.995, 0.979; 1.0, 1.0, 1.0 (its own 28² lite features with FPFH; stains 0.33).
-#   m3dm, fitted (≈10 s; two banks + DLF): 0.813, 0.979, 0.912; 0.90 mean of the three.
+#   m3dm, fitted (≈10 s; two banks + DLF, RGB score weight 1): 0.813, 0.979, 0.912; 0.83 mean of the three (0.90
+#   with the reference's RGB score weight 0.1, which leaves the stains out).
 #   patchcore, fitted (≈10 s; lite's own features, geometry images): 0.844, 0.984, 0.933; 0.91 mean.
 #   shape_guided, expert 100 steps (≈40 s): 0.781, 0.921, 0.760; 0.86 mean (300 steps, the default:
 #   0.812, 0.920, 0.754; 0.75, 1.0, 0.84 in ≈2.5 min).
@@ -128,7 +133,7 @@ LITE_RUNS = {  # epochs, batch size; thresholds: I-AUROC, P-AUROC, AUPRO@30%, me
     "cfm": (10, 2, (0.72, 0.94, 0.84, 0.7)),
     "mafr": (20, 1, (0.78, 0.95, 0.88, 0.85)),
     "btf": (1, 2, (0.75, 0.95, 0.9, 0.9)),  # fitted in one pass: no epochs
-    "m3dm": (1, 2, (0.75, 0.95, 0.87, 0.85)),
+    "m3dm": (1, 2, (0.75, 0.95, 0.87, 0.78)),
     "patchcore": (1, 2, (0.78, 0.95, 0.89, 0.85)),
     "shape_guided": (1, 2, (0.65, 0.85, 0.65, 0.7)),
 }

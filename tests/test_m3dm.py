@@ -164,7 +164,11 @@ def test_per_bank_normalization_and_add_decision():
 def test_presets_options_and_refusals():
     assert extractor_config("lite", "m3dm") is M3DM_PRESETS["lite"]
     assert M3DM_PRESETS["paper"].grid_size == 56 and M3DM_PRESETS["paper"].rgb_upsampling == "nearest"
-    assert parse_model_options("m3dm", ["rgb_weight=1", "decision=add"]) == {"rgb_weight": 1.0, "decision": "add"}
+    # the DLF's RGB score weight: the reference's 0.1 on DINO, 1 on the CNN presets; the map weight 0.1 on both
+    paper, lite = M3DM(M3DM_PRESETS["paper"]).options(), M3DM(M3DM_PRESETS["lite"]).options()
+    assert (paper["rgb_s_lambda"], lite["rgb_s_lambda"]) == (0.1, 1.0)
+    assert paper["rgb_smap_lambda"] == lite["rgb_smap_lambda"] == 0.1
+    assert parse_model_options("m3dm", ["rgb_s_lambda=1", "decision=add"]) == {"rgb_s_lambda": 1.0, "decision": "add"}
     with pytest.raises(ValueError, match="M3DM_PRESETS"):
         build_detector("m3dm", extractor_config("lite", "cmdr"))
     with pytest.raises(ValueError, match="rgbxyz"):
