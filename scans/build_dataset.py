@@ -1,4 +1,4 @@
-"""Pseudo-labelled chunks from raw scans (README "3D-only inspection of raw scans").
+"""Pseudo-labelled chunks from raw scans (docs/scans.md).
 
     python -m scans.build_dataset SCANS_DIR --out DATA_DIR [--detector iso|lof|hybrid] [--level low|high]
         [--chunk_size 9216|4096] [--tau 0.0025] [--split_by_scan] [--seed 42] [--line_points N]
@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from scans.readers import SUPPORTED_SUFFIXES, ScanFormatError, read_points
 from utils.io import InputError, atomic_path, write_text_atomic
+from utils.logs import setup_logging
 
 logger = logging.getLogger("scans.build_dataset")
 
@@ -208,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
                              "lines of the chunk's side (96 for 9216) the chunks are organised grids, and the lite "
                              "preset reads them as geometry images")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     try:
         config = ScanDatasetConfig(args.detector, args.level, args.chunk_size, args.tau, args.split_by_scan, args.seed,
                                    args.line_points)

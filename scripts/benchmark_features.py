@@ -14,18 +14,15 @@ from __future__ import annotations
 import argparse
 import resource
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from networks.features import MultimodalFeatures, XYZParts  # noqa: E402
-from networks.point_ops import farthest_point_sample, knn_groups, three_nn_weights  # noqa: E402
-from utils.synthetic import render_sample, sample_rng  # noqa: E402
-from utils.transforms import rgb_to_tensor, xyz_to_tensor  # noqa: E402
+from networks.features import MultimodalFeatures, XYZParts
+from networks.point_ops import farthest_point_sample, knn_groups, three_nn_weights
+from utils.synthetic import render_sample, sample_rng
+from utils.transforms import rgb_to_tensor, xyz_to_tensor
 
 
 def _sync(device: torch.device) -> None:

@@ -6,15 +6,12 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.metrics import PAPER_NUM_THRESHOLDS, calculate_au_pro, image_auroc, pixel_auroc  # noqa: E402
+from utils.metrics import PAPER_NUM_THRESHOLDS, calculate_au_pro, image_auroc, pixel_auroc
 
 
 def main() -> None:

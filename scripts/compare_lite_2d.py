@@ -31,15 +31,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from networks.efficientnet_lite import EfficientNetLiteConfig  # noqa: E402
-from networks.features import PRESETS, ExtractorConfig, MultimodalFeatures  # noqa: E402
-from utils.feature_cache import FeatureCache  # noqa: E402
-from utils.io import write_text_atomic  # noqa: E402
-from utils.metrics import image_auroc, image_auroc_per_defect, pixel_auroc  # noqa: E402
-from utils.mvtec3d import MVTec3DDataset, make_dataloader  # noqa: E402
-from utils.pipeline import setup_logging, valid_mask  # noqa: E402
+from networks.efficientnet_lite import EfficientNetLiteConfig
+from networks.features import PRESETS, ExtractorConfig, MultimodalFeatures
+from utils.feature_cache import FeatureCache
+from utils.io import write_text_atomic
+from utils.metrics import image_auroc, image_auroc_per_defect, pixel_auroc
+from utils.mvtec3d import MVTec3DDataset, make_dataloader
+from utils.pipeline import setup_logging, valid_mask
 
 logger = logging.getLogger("compare_lite_2d")
 

@@ -23,17 +23,16 @@ import logging
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import inference  # noqa: E402
-import train  # noqa: E402
-from networks.efficientnet_lite import EfficientNetLiteConfig  # noqa: E402
-from networks.features import PRESETS, ExtractorConfig  # noqa: E402
-from networks.fpfh import FPFHConfig  # noqa: E402
-from networks.geometry_images import GeometryImagesConfig  # noqa: E402
-from scripts import map_diagnostics  # noqa: E402
-from utils.io import write_text_atomic  # noqa: E402
-from utils.pipeline import setup_logging  # noqa: E402
+import inference
+import train
+from networks.efficientnet_lite import EfficientNetLiteConfig
+from networks.features import PRESETS, ExtractorConfig
+from networks.fpfh import FPFHConfig
+from networks.geometry_images import GeometryImagesConfig
+from scripts import map_diagnostics
+from utils.io import write_text_atomic
+from utils.pipeline import setup_logging
 
 logger = logging.getLogger("compare_lite_3d")
 

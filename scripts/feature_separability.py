@@ -29,16 +29,15 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.feature_cache import FeatureCache  # noqa: E402
-from utils.io import InputError, write_text_atomic  # noqa: E402
-from utils.metrics import image_auroc, image_auroc_per_defect, pixel_auroc  # noqa: E402
-from utils.mvtec3d import Batch, MVTec3DDataset, make_dataloader  # noqa: E402
-from utils.pipeline import (  # noqa: E402
+from utils.feature_cache import FeatureCache
+from utils.io import InputError, write_text_atomic
+from utils.metrics import image_auroc, image_auroc_per_defect, pixel_auroc
+from utils.mvtec3d import Batch, MVTec3DDataset, make_dataloader
+from utils.pipeline import (
     RunConfig, add_feature_arguments, open_split, parse_run_args, prepare_run, setup_logging, valid_mask,
 )
-from utils.results import json_safe, percent  # noqa: E402
+from utils.results import json_safe, percent
 
 logger = logging.getLogger("feature_separability")
 

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.mvtec3d import MVTec3DDataset  # noqa: E402
-from utils.transforms import denormalize_rgb  # noqa: E402
-from utils.visualization import depth_image, overlay, save_tiles, with_contour  # noqa: E402
+from utils.mvtec3d import MVTec3DDataset
+from utils.logs import setup_logging
+from utils.transforms import denormalize_rgb
+from utils.visualization import depth_image, overlay, save_tiles, with_contour
 
 logger = logging.getLogger("make_figures")
 RUN_LABELS = {"rgb": "2D", "xyz": "3D", "rgbxyz": "2D+3D"}
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--samples", nargs="+", help="CLASS/DEFECT/STEM, e.g. bagel/crack/003")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
 
     labels = [run_label(run) for run in args.runs]
     available = sorted({p.parent.name for run in args.runs for p in (run / "maps").glob("*/*.npy")})

@@ -8,7 +8,7 @@ fills: ``--model`` (CMDR-IAD rows, or a method of the "Methods" tables), ``--mod
 ``case1``…``case6`` for Tables 7 and 10). Writes ``OUT/tables.md`` and ``OUT/tables.tex``: Table 1 (I-AUROC),
 2 (AUPRO@30%), 3 (AUPRO@1%), 6 (ablation), 7 and 10 (fusion variants), 9 (P-AUROC), and the methods side by side
 (means, and I-AUROC per class), each with its published numbers (the CMDR-IAD paper's tables for CFM and BTF per
-class, the published means of README "Methods"). The paper's AUPRO is the reference code's 99-threshold
+class, the published means of docs/methods.md). The paper's AUPRO is the reference code's 99-threshold
 protocol, so our ``(99 thr)`` values are compared with it; the exact official values are shown in their own rows.
 Δ = ours − paper, in points.
 """
@@ -23,11 +23,11 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from networks.detectors import DETECTORS  # noqa: E402
-from utils.io import write_text_atomic  # noqa: E402
-from utils.mvtec3d import MVTEC3D_CLASSES  # noqa: E402
+from networks.detectors import DETECTORS
+from utils.io import write_text_atomic
+from utils.logs import setup_logging
+from utils.mvtec3d import MVTEC3D_CLASSES
 
 logger = logging.getLogger("make_tables")
 
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=Path, nargs="+", required=True, help="inference.py result folders")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     try:
         runs = load_runs(args.runs)
     except (FileNotFoundError, KeyError, json.JSONDecodeError) as err:

@@ -26,16 +26,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from networks.fusion import (  # noqa: E402
+from networks.fusion import (
     FUSION_VARIANTS, final_smoothing, normalize_scores, pre_smooth_rgb_reconstruction,
 )
-from utils.io import InputError, write_text_atomic  # noqa: E402
-from utils.metrics import image_auroc, image_auroc_per_defect  # noqa: E402
-from utils.mvtec3d import MVTec3DDataset, collate_samples  # noqa: E402
-from utils.pipeline import setup_logging, valid_mask, xyz_policy  # noqa: E402
-from utils.predictor import Predictor, add_run_arguments  # noqa: E402
+from utils.io import InputError, write_text_atomic
+from utils.metrics import image_auroc, image_auroc_per_defect
+from utils.mvtec3d import MVTec3DDataset, collate_samples
+from utils.pipeline import setup_logging, valid_mask, xyz_policy
+from utils.predictor import Predictor, add_run_arguments
 
 logger = logging.getLogger("map_diagnostics")
 

@@ -1,9 +1,9 @@
 """Train and evaluate a set of classes for one configuration, resumably: one command per table row.
 
-    python scripts/reproduce.py --dataset_path D [--class_name all] [--model cmdr|cfm|mafr|btf|shape_guided]
+    python scripts/reproduce.py --dataset_path D [--class_name all] [--model METHOD]
         [--modality rgbxyz|rgb|xyz] [--fusion full|case1..case6|rec_only|map_only|sdf_only|rgb_only] [--seed 115]
         [--preset paper] [--results_dir results] [--run_name NAME] [--save_raw_maps]
-        [--engine local|ray] [--address auto|HOST:PORT] [--cpus_per_task 1] [--gpus_per_task 0]
+        [--engine local|ray] [--address auto|HOST:PORT] [--cpus_per_task 1] [--gpus_per_task 0] [--threads N]
         [train.py options ...]
 
 For each class: train (skipped when the identical run finished; an interrupted training continues), evaluate, and
@@ -12,10 +12,16 @@ skipped, so rerunning the command after an interruption finishes the job. A prog
 ``metrics.json|md|csv`` for all classes. Configurations share the feature cache (it is keyed by the extractor, not
 by the configuration), so the 2D, 3D and fusion runs compute each sample's features once.
 
-``--engine ray`` runs the classes as parallel Ray tasks (README "Running on a cluster"): each requests
+``--engine ray`` runs the classes as parallel Ray tasks (docs/reproducing.md, "Running on a cluster"): each requests
 ``--cpus_per_task`` CPUs and ``--gpus_per_task`` GPUs, is retried once when it fails, and is then reported in the
 summary while the others finish (the exit code is 1 when one failed). ``--address`` joins a running cluster
 (``auto``, or ``HOST:PORT``); without it a local Ray instance starts. Paths must be shared by all nodes.
+
+Both engines run every class with the same number of torch threads, ``--threads`` (default: torch's default on
+the machine that starts the command, i.e. its cores), recorded in the run's configuration: a float sum depends on
+how it is split over threads, so the same count gives the two engines the same numbers bit for bit. On machines
+with different core counts set ``--threads`` to one number for exact agreement (a Ray task then runs that many
+threads whatever ``--cpus_per_task`` it requested for scheduling).
 """
 
 from __future__ import annotations
@@ -33,18 +39,17 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from inference import check_fusion, evaluate_class, fusion_choices  # noqa: E402
-from train import INTERRUPTED_EXIT, TrainingInterrupted, train_class  # noqa: E402
-from utils.checkpoints import versions  # noqa: E402
-from utils.feature_cache import FeatureCache  # noqa: E402
-from utils.io import InputError, write_text_atomic  # noqa: E402
-from utils.mvtec3d import resolve_class_names  # noqa: E402
-from utils.pipeline import (  # noqa: E402
+from inference import check_fusion, evaluate_class, fusion_choices
+from train import INTERRUPTED_EXIT, TrainingInterrupted, train_class
+from utils.checkpoints import versions
+from utils.feature_cache import FeatureCache
+from utils.io import InputError, write_text_atomic
+from utils.mvtec3d import resolve_class_names
+from utils.pipeline import (
     RunConfig, add_run_arguments, parse_run_args, prepare_run, setup_logging,
 )
-from utils.results import write_results  # noqa: E402
+from utils.results import write_results
 
 logger = logging.getLogger("reproduce")
 
@@ -60,7 +65,7 @@ class ClassTask:
     run_dir: Path
     save_raw_maps: bool
     run_config: dict
-    threads: int | None = None  # torch threads (a Ray task: its CPUs)
+    threads: int | None = None  # torch threads (--threads), the same for both engines
 
     @property
     def result_path(self) -> Path:
@@ -107,19 +112,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--address", help="ray: a running cluster (auto or HOST:PORT); default: a local instance")
     parser.add_argument("--cpus_per_task", type=float, default=1.0, help="ray: CPUs each task requests")
     parser.add_argument("--gpus_per_task", type=float, default=0.0, help="ray: GPUs each task requests")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads of every class, both engines (default: torch's default here, the "
+                             "machine's cores); the same count gives the same numbers bit for bit")
     args = parse_run_args(parser, argv)
     setup_logging()
     config = RunConfig.from_args(args)
     check_fusion(parser, config, args.fusion)
     default_name = f"{config.model}_{config.modality}_{args.fusion}_{config.preset}_seed{config.seed}"
     run_dir = args.results_dir / (args.run_name or default_name)
-    run_config = {**config.to_dict(), "fusion": args.fusion, "eval_resolution": args.eval_resolution}
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be 1 or more")
+    threads = args.threads or torch.get_num_threads()
+    run_config = {**config.to_dict(), "fusion": args.fusion, "eval_resolution": args.eval_resolution,
+                  "threads": threads}
     try:
         class_names = resolve_class_names(config.dataset_path, config.class_names)
     except InputError as err:
         logger.error("%s", err)
         return 1
-    threads = max(1, int(args.cpus_per_task)) if args.engine == "ray" else None
     tasks = [ClassTask(config, c, args.fusion, args.eval_resolution, run_dir, args.save_raw_maps, run_config,
                        threads) for c in class_names]
     results: dict[str, dict] = {}

@@ -30,12 +30,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from networks.m3dm import FeatureFusionBlock, uff_cosine_schedule, uff_training_pairs  # noqa: E402
-from utils.io import atomic_path  # noqa: E402
-from utils.mvtec3d import collate_samples  # noqa: E402
-from utils.pipeline import RunConfig, add_feature_arguments, open_split, prepare_run, setup_logging  # noqa: E402
+from networks.m3dm import FeatureFusionBlock, uff_cosine_schedule, uff_training_pairs
+from utils.io import atomic_path
+from utils.mvtec3d import collate_samples
+from utils.pipeline import RunConfig, add_feature_arguments, open_split, prepare_run, setup_logging
 
 logger = logging.getLogger("train_uff")
 

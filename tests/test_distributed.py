@@ -1,5 +1,5 @@
 """The reproduction runner on Ray: the same numbers as the local engine, a failing task reported while the others
-finish, and the feature cache shared by concurrent processes (README "Running on a cluster")."""
+finish, and the feature cache shared by concurrent processes (docs/reproducing.md, "Running on a cluster")."""
 
 from __future__ import annotations
 
@@ -40,14 +40,12 @@ def metrics(work: Path, run_name: str) -> dict:
 
 def test_ray_engine_gives_the_local_numbers_and_reports_a_failed_task(local_ray, synthetic_root: Path,
                                                                        tmp_path: Path):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)  # a task uses --cpus_per_task threads: the same count gives the same float sums
-    try:
-        assert reproduce.main(tiny(synthetic_root, tmp_path, "local")) == 0
-    finally:
-        torch.set_num_threads(threads)
-    assert reproduce.main(tiny(synthetic_root, tmp_path, "ray", "--engine", "ray", "--cpus_per_task", "2")) == 0
+    # default options: both engines run the classes with this machine's default thread count (--threads)
+    assert reproduce.main(tiny(synthetic_root, tmp_path, "local")) == 0
+    assert reproduce.main(tiny(synthetic_root, tmp_path, "ray", "--engine", "ray")) == 0
     assert metrics(tmp_path, "ray") == metrics(tmp_path, "local")
+    stored = json.loads((tmp_path / "results" / "ray" / "metrics.json").read_text())
+    assert stored["config"]["threads"] == torch.get_num_threads()
     assert sorted(metrics(tmp_path, "ray")) == ["box", "dome"]
     assert reproduce.main(tiny(synthetic_root, tmp_path, "ray", "--engine", "ray")) == 0, "a rerun skips both"
 

@@ -1,6 +1,6 @@
 """Checkpoints of the trainable modules: the contract's file names, a JSON sidecar, atomic writes, resume state.
 
-Files (README "Training and inference"), in the run folder :func:`run_folder` gives::
+Files (docs/training.md), in the run folder :func:`run_folder` gives::
 
     <run>/<class>/{map2Dto3D,map3Dto2D,Dec2D,Dec3D}_<class>_independent_<E>ep_<B>bs.pth   plain state_dicts
     <run>/<class>/<class>_independent_<E>ep_<B>bs.json                                  sidecar (run identity)
@@ -30,7 +30,6 @@ from torch import nn
 from networks.memory_bank import MemoryBank
 from networks.point_mae import load_state_dict_checked
 from utils.io import InputError, atomic_path, write_text_atomic
-from utils.pipeline import DEFAULT_SEED
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +40,7 @@ class CheckpointError(InputError, RuntimeError):
     """Checkpoints are missing, damaged, or belong to another configuration."""
 
 
+DEFAULT_SEED = 115  # the authors' seed: their checkpoints are a seed-115 run
 AUTHORS_LAYOUT = ("cmdr", "rgbxyz", DEFAULT_SEED)  # (model, modality, seed) whose files sit in <savepath>/<class>/
 
 

@@ -17,12 +17,9 @@ import numpy as np
 import tifffile
 from PIL import Image, UnidentifiedImageError
 
+from networks.errors import InputError  # noqa: F401 - the data errors below derive from it; re-exported
+
 logger = logging.getLogger(__name__)
-
-
-class InputError(Exception):
-    """A problem with the user's data, files, weights or settings. The command-line tools report these in one line
-    with what to do; any other exception is a bug and keeps its traceback."""
 
 
 class DatasetError(InputError, ValueError):

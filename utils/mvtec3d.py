@@ -1,4 +1,4 @@
-"""Loading datasets in the MVTec 3D-AD layout (README "Data layout and loading").
+"""Loading datasets in the MVTec 3D-AD layout (docs/data.md, "Data layout and loading").
 
 Layout::
 
@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from utils.io import DatasetError, read_mask, read_rgb, read_xyz
+from utils.logs import setup_logging
 from utils.synthetic import MARKER_FILE as SYNTHETIC_MARKER
 from utils.transforms import IMAGENET, Normalization, mask_to_tensor, rgb_to_tensor, xyz_to_tensor
 
@@ -381,7 +382,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--xyz", choices=("required", "optional", "ignored"), default="optional")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
 
     try:
         rows = []

@@ -20,8 +20,10 @@ from networks.detectors import (
 )
 from networks.features import PRESETS, MultimodalFeatures, footprint_mask, foreground_mask
 from networks.memory_bank import MemoryBankDetector
+from utils.checkpoints import DEFAULT_SEED, run_folder  # noqa: F401 - DEFAULT_SEED re-exported
 from utils.feature_cache import FeatureCache
 from utils.io import InputError
+from utils.logs import setup_logging  # noqa: F401 - re-exported for the entry points
 from utils.mvtec3d import (
     PREPROCESSED_MARKER, Batch, MVTec3DDataset, XyzPolicy, is_background_removed, resolve_class_names,
 )
@@ -29,7 +31,6 @@ from utils.transforms import image_area
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_SEED = 115
 DEFAULT_PRESET = "paper"
 SNAPSHOT_MINUTES = 10.0  # training also saves its state inside an epoch this often
 DEFAULT_CHECKPOINTS = Path("checkpoints/CMDR_IAD_checkpoints")
@@ -79,7 +80,6 @@ class RunConfig:
     @property
     def run_dir(self) -> Path:
         """The checkpoint folder of this (model, modality, seed); see :func:`utils.checkpoints.run_folder`."""
-        from utils.checkpoints import run_folder  # checkpoints imports this module's DEFAULT_SEED
         return run_folder(self.checkpoint_dir, self.model, self.modality, self.seed)
 
     def build_detector(self, extractor: MultimodalFeatures) -> Detector:
@@ -142,7 +142,7 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, training: bool) -> Non
         parser.add_argument("--activation_checkpointing", action="store_true",
                             help="keep fewer activations during training and recompute them in backward: the "
                                  "same weights bit for bit, ≈1.3× the step time, a fraction of the memory at "
-                                 "paper size (README 'Training and inference', Memory)")
+                                 "paper size (docs/training.md, Memory)")
         parser.add_argument("--snapshot_minutes", type=float, default=SNAPSHOT_MINUTES,
                             help="also save the training state inside an epoch every this many minutes (and at "
                                  "Ctrl-C); a paper-size epoch is hours on a CPU")
@@ -158,8 +158,8 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, training: bool) -> Non
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED,
                         help="training seed (inference: the seed of the run to load)")
     parser.add_argument("--amp", action="store_true",
-                        help="bf16 autocast of the method's modules on CPU or CUDA (default: fp32); README 'Training "
-                             "and inference' has its measured effect on the metrics")
+                        help="bf16 autocast of the method's modules on CPU or CUDA (default: fp32); "
+                             "docs/training.md has its measured effect on the metrics")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -167,9 +167,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", choices=detector_names(), default=DEFAULT_MODEL,
                         help="detection method: cmdr (CMDR-IAD), cfm (Crossmodal Feature Mapping), mafr (MAFR), btf "
                              "(Back to the Feature: PatchCore on RGB + FPFH), shape_guided (Shape-Guided dual "
-                             "memory); README 'Methods'")
+                             "memory); docs/methods.md")
     parser.add_argument("--model_option", action="append", default=[], metavar="NAME=VALUE",
-                        help="a method option, e.g. smoothness=all for mafr (README 'Methods'); repeatable")
+                        help="a method option, e.g. smoothness=all for mafr (docs/methods.md); repeatable")
     parser.add_argument("--sdf_checkpoint", type=Path, metavar="FILE",
                         help="shape_guided: a trained 3D expert, e.g. the authors' ckpt_000601.pth (the same as "
                              "--model_option sdf_checkpoint=FILE)")
@@ -341,8 +341,3 @@ def valid_mask(batch: Batch, f3d: torch.Tensor | None, extractor: MultimodalFeat
     size = batch.rgb.shape[-1]
     area = torch.stack([image_area(height, width, size) for height, width in batch.original_sizes])
     return footprint_mask(area, grid).to(extractor.device)
-
-
-def setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")

@@ -1,4 +1,4 @@
-"""A synthetic dataset in the MVTec 3D-AD layout (README "Synthetic data"), for tests and the demo.
+"""A synthetic dataset in the MVTec 3D-AD layout (docs/data.md, "Synthetic data"), for tests and the demo.
 
 Each sample is a physically plausible scene: a slightly tilted table 0.45–0.55 m from a pinhole
 camera, an object on it (``dome``, ``torus`` or striped ``box``) whose pose, size and surface
@@ -41,6 +41,8 @@ import tifffile
 from PIL import Image
 from scipy import ndimage
 from tqdm import tqdm
+
+from utils.logs import setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -364,7 +366,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--background", choices=("table", "none"), default=defaults.background)
     parser.add_argument("--pixel_pitch_mm", type=float, default=defaults.pixel_pitch_mm)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     try:
         config = SyntheticConfig(
             classes=_parse_classes(args.classes), n_train=args.n_train, n_val=args.n_val, n_test=args.n_test,

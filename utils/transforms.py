@@ -1,37 +1,24 @@
-"""The input transforms of the reference implementation (README "Data layout and loading").
+"""The input transforms of the reference implementation (docs/data.md, "Data layout and loading").
 
 * RGB: centred edge-replicate pad to a square, bicubic resize (PIL, as torchvision does for PIL
   images), scale to [0, 1], ImageNet normalisation.
 * Organized point cloud: centred zero padding to a square (a no-op for background-removed MVTec 3D-AD
   clouds, which preprocessing already pads to a square), then nearest resize with
   ``torch.nn.functional.interpolate`` semantics. The reference resizes non-square clouds without padding,
-  which misaligns them with the padded RGB; see README "Differences".
+  which misaligns them with the padded RGB; see docs/differences.md.
 * Ground truth: centred edge-replicate pad, nearest resize, binary.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class Normalization(NamedTuple):
-    """Per-channel mean and std of an RGB backbone's inputs (images scaled to [0, 1]); each backbone's
-    configuration says which it needs (``ExtractorConfig.normalization``)."""
-
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-
-
-IMAGENET = Normalization(IMAGENET_MEAN, IMAGENET_STD)
+from networks.normalization import IMAGENET, IMAGENET_MEAN, IMAGENET_STD, Normalization  # noqa: F401 - re-exported
 
 
 def centred_offsets(height: int, width: int, side: int) -> tuple[int, int]:
