@@ -1,6 +1,6 @@
 """Speed and memory of a detection method as CMDR-IAD's Table 4 measures them, and the cost of a training epoch.
 
-    python benchmark.py --preset paper|lite|tiny [--model cmdr|cfm|mafr|btf|shape_guided]
+    python benchmark.py --preset paper|lite|tiny [--model METHOD]
         [--model_option K=V] [--random_init]
         [--device cpu|cuda] [--out FILE] [--dataset_path D --class_name C] [--rgb_weights F] [--pointmae_weights F]
         [--train_memory]

@@ -1,4 +1,4 @@
-"""Fit a trained run's pass/fail threshold on good parts (README "Inspecting parts").
+"""Fit a trained run's pass/fail threshold on good parts (docs/inspecting.md).
 
     python calibrate.py --checkpoint_folder RUN --class_name C [C ...] --dataset_path D
         [--false_alarm_rate 0.01] [--epochs_no E] [--batch_size B] [--device auto|cpu|cuda]

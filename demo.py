@@ -1,6 +1,6 @@
 """The whole method on built-in synthetic data, in two to three minutes on a 2-core CPU.
 
-    python demo.py [--out data/demo] [--classes dome] [--model cmdr|cfm|mafr|btf|shape_guided]
+    python demo.py [--out data/demo] [--classes dome] [--model METHOD]
         [--preset lite|lite_fpfh|tiny|paper]
         [--epochs_no 20] [--n_train 40] [--n_test 45] [--batch_size 2] [--rgb_weights F] [--pointmae_weights F]
         [--device auto|cpu|cuda]
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("data/demo"), help="working folder (data, cache, results)")
     parser.add_argument("--classes", nargs="+", default=["dome"], help="synthetic classes: dome, torus, box")
     parser.add_argument("--model", choices=detector_names(), default=DEFAULT_MODEL,
-                        help="detection method (README 'Methods')")
+                        help="detection method (docs/methods.md)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="lite",
                         help="lite: pretrained EfficientNet-Lite0 on the image and on the surface normals, no "
                              "downloads; lite_fpfh: the same RGB with FPFH as the 3D features; tiny: random backbones "

@@ -1,7 +1,6 @@
-"""Evaluate trained checkpoints of a detection method on the test split, one class at a time (README "Training and
-inference").
+"""Evaluate trained checkpoints of a detection method on the test split, one class at a time (docs/training.md).
 
-    python inference.py --dataset_path D --class_names C [C ...|all] [--model cmdr|cfm|mafr|btf|shape_guided]
+    python inference.py --dataset_path D --class_names C [C ...|all] [--model METHOD]
         [--model_option K=V]
         [--checkpoint_folder ...] [--epochs_no E] [--batch_size B] [--seed 115] [--eval_batch_size 1]
         [--modality rgbxyz|rgb|xyz] [--fusion full|case1..case6|rec_only|map_only|sdf_only|rgb_only]

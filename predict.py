@@ -1,4 +1,4 @@
-"""Score parts with a trained run: single files, folders, or folders being filled (README "Inspecting parts").
+"""Score parts with a trained run: single files, folders, or folders being filled (docs/inspecting.md).
 
     python predict.py --checkpoint_folder RUN --class_name C [--rgb FILE|DIR] [--xyz FILE|DIR] [--out DIR]
         [--watch] [--poll_seconds 1] [--max_parts N] [--epochs_no E] [--batch_size B] [--device auto|cpu|cuda]

@@ -1,6 +1,6 @@
 """Train a detection method (CMDR-IAD by default), one class at a time.
 
-    python train.py --dataset_path D --class_name C [C ...|all] [--model cmdr|cfm|mafr|btf|shape_guided]
+    python train.py --dataset_path D --class_name C [C ...|all] [--model METHOD]
         [--model_option K=V]
         [--modality rgbxyz|rgb|xyz] [--epochs_no 50] [--batch_size 1]
         [--checkpoint_savepath checkpoints/CMDR_IAD_checkpoints] [--preset paper|lite|tiny]

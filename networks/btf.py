@@ -4,7 +4,7 @@ Per class, one memory bank holds the patch features of the training images (a 28
 features ([RGB]: ``--modality rgb``), the FPFH features ([FPFH]: ``xyz``) or their concatenation [RGB, FPFH]
 (``rgbxyz``: BTF proper), reduced to a greedy k-center coreset (10 %). A test patch scores its distance to the
 nearest bank entry; the map is that distance bilinearly upsampled to 224 and Gaussian-blurred (σ = 4); the image
-score is PatchCore's re-weighted maximum. README "Methods" lists where this differs from the reference code.
+score is PatchCore's re-weighted maximum. docs/methods.md lists where this differs from the reference code.
 
 The patch features come from BTF's own extractors (:data:`BTF_PRESETS`): at ``paper`` size Wide-ResNet-50-2
 layer 2 + 3 (1536 channels) and FPFH, each through AvgPool 3×3 and adaptive pooling to 28 × 28; with ``lite``
@@ -33,7 +33,7 @@ CORESET_FRACTION = 0.1
 REWEIGHT_NEIGHBOURS = 3
 
 # The references' patch features: stages pooled by AvgPool 3×3 + adaptive pooling to 28 × 28, FPFH scattered to
-# 224², AvgPool 3×3 + adaptive pooling to 28 × 28 (the shared FPFH, radii in point spacings: README "Methods").
+# 224², AvgPool 3×3 + adaptive pooling to 28 × 28 (the shared FPFH, radii in point spacings: docs/methods.md).
 BTF_PRESETS = {
     "paper": ExtractorConfig(img_size=224, feature_size=PATCH_GRID, rgb=ResNetConfig("wide_resnet50_2", (2, 3)),
                              xyz=FPFHConfig(), stage_pooling="avg3"),

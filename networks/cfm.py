@@ -1,4 +1,4 @@
-"""CFM — Crossmodal Feature Mapping (Costanzino et al., CVPR 2024), as README "Methods" describes it.
+"""CFM — Crossmodal Feature Mapping (Costanzino et al., CVPR 2024), as docs/methods.md describes it.
 
 Two per-pixel MLPs map 2D features to 3D ones and back; one Adam over both, the sum of the two masked cosine
 losses. The anomaly map is the product of the two cosine-distance maps, masked, then the shared final smoothing

@@ -1,4 +1,4 @@
-"""Dual-branch reconstruction (README "Training and inference"): Decoder2D for RGB features, Decoder3D for 3D features.
+"""Dual-branch reconstruction (docs/training.md): Decoder2D for RGB features, Decoder3D for 3D features.
 
 Parameter names equal the reference's, so its checkpoints load with ``strict=True``. Sizes are constructor
 arguments: the paper configuration is the default; the tiny preset and the 96×96 scan layout use the same classes.

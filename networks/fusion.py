@@ -1,4 +1,4 @@
-"""Anomaly scoring and fusion (README "Training and inference", Fusion): from the four distance maps to the final
+"""Anomaly scoring and fusion (docs/training.md, Fusion): from the four distance maps to the final
 map Ψ and its scores.
 
 Every function takes maps of shape (H, W) or (B, H, W) and works per image; statistics (means) are taken
@@ -128,8 +128,8 @@ def fuse(
 
 
 def single_modality_map(distance: torch.Tensor, valid_mask: torch.Tensor, modality: str) -> torch.Tensor:
-    """Ψ of the 2D-only (``rgb``: d_rec2d, pre-smoothed) or 3D-only (``xyz``: d_rec3d) model (README "Training and
-    inference", Modalities)."""
+    """Ψ of the 2D-only (``rgb``: d_rec2d, pre-smoothed) or 3D-only (``xyz``: d_rec3d) model (docs/training.md,
+    Modalities)."""
     if modality not in ("rgb", "xyz"):
         raise ValueError(f"modality must be 'rgb' or 'xyz', got {modality!r}")
     return final_smoothing(pre_smooth_rgb_reconstruction(distance) if modality == "rgb" else distance, valid_mask)

@@ -1,9 +1,9 @@
 """Geometry images: the organised point cloud rendered as images and read by an ImageNet CNN (the ``lite`` 3D branch).
 
-FPFH describes local shape only, with hard histogram bins (README "Presets"); a CNN pretrained on ImageNet, shown
-the part's surface as a picture, describes shape in context — the idea of CPMF (Cao et al., "Complementary Pseudo
-Multimodal Feature for Point Cloud Anomaly Detection", 2023), here with the camera's own view, which an organised
-cloud already is. Per pixel of the (B, 3, S, S) cloud and its valid mask:
+FPFH describes local shape only, with hard histogram bins (docs/features.md, "Presets"); a CNN pretrained on
+ImageNet, shown the part's surface as a picture, describes shape in context — the idea of CPMF (Cao et al.,
+"Complementary Pseudo Multimodal Feature for Point Cloud Anomaly Detection", 2023), here with the camera's own view,
+which an organised cloud already is. Per pixel of the (B, 3, S, S) cloud and its valid mask:
 
 * **normals** — unit surface normals oriented towards the sensor (``n · (sensor − p) ≥ 0``), either the
   smallest-eigenvalue eigenvector of the covariance of the valid points in a ``window`` × ``window`` neighbourhood

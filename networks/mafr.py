@@ -1,4 +1,4 @@
-"""MAFR (Ali, Zia et al.): a shared fusion encoder and attention-guided restoration, as README "Methods"
+"""MAFR (Ali, Zia et al.): a shared fusion encoder and attention-guided restoration, as docs/methods.md
 describes the reference code.
 
 Every pixel's concatenated features [F2D, F3D] go through a shared encoder and two decoupled decoders that

@@ -1,5 +1,5 @@
-"""Exact point operations of the 3D branch (README "Frozen feature extractors"): FPS, kNN, 3-NN propagation, pixel
-pooling.
+"""Exact point operations of the 3D branch (docs/features.md, "Frozen feature extractors"): FPS, kNN, 3-NN
+propagation, pixel pooling.
 
 All distances are sums of squared coordinate differences computed in float64. The popular
 ``|a|² + |b|² − 2ab`` expansion (and ``torch.cdist``'s matrix-multiply path) cancels catastrophically for

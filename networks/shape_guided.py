@@ -65,7 +65,7 @@ PAIRWISE_EPS = 1e-12  # torch.nn.PairwiseDistance's eps, which the reference's r
 QUERY_NOISE = ((0.625, 0.5), (0.375, 1.0))
 NOISE_NEIGHBOUR = 51
 PATCH_GRID = 28
-EXPERT_STEPS = 300  # batches of 32 patches: ≈2 min per class at lite size on a 2-core CPU (README "Methods")
+EXPERT_STEPS = 300  # batches of 32 patches: ≈2 min per class at lite size on a 2-core CPU (docs/methods.md)
 
 
 @dataclass(frozen=True)
@@ -287,7 +287,7 @@ class SampleScores:
 
 @register_detector
 class ShapeGuided(MemoryBankDetector):
-    """``shape_guided``: the 3D expert and the dual memory (README "Methods").
+    """``shape_guided``: the 3D expert and the dual memory (docs/methods.md).
 
     Options: ``expert`` — ``auto`` (the reference's sizes with the paper preset, the narrow ``lite`` expert
     otherwise), ``paper`` or ``lite``; ``expert_steps`` — training steps of the expert (batches of 32 patches);

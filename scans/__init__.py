@@ -1,2 +1,2 @@
-"""3D-only inspection of raw scans (README "3D-only inspection of raw scans"): the paper's polyurethane pipeline
+"""3D-only inspection of raw scans (docs/scans.md): the paper's polyurethane pipeline
 for any point-cloud files."""

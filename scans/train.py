@@ -41,7 +41,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, from_checkpoint: bool =
     parser.add_argument("--checkpoint", type=Path, required=True)
     recorded = " (default: the checkpoint's)" if from_checkpoint else ""
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None if from_checkpoint else "paper",
-                        help="paper, lite or tiny (README 'Presets')" + recorded)
+                        help="paper, lite or tiny (docs/features.md ('Presets'))" + recorded)
     parser.add_argument("--random_init", action="store_true", default=None if from_checkpoint else False,
                         help="random (seeded) Point-MAE weights: smoke tests" + recorded)
     parser.add_argument("--pointmae_weights", type=Path)

@@ -1,5 +1,5 @@
 """The inspection tools: the predictor, threshold calibration, predict.py on files, folders and a watched folder,
-per-part errors, and the HTML report rendered in headless Chromium (README "Inspecting parts")."""
+per-part errors, and the HTML report rendered in headless Chromium (docs/inspecting.md)."""
 
 from __future__ import annotations
 

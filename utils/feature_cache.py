@@ -1,4 +1,4 @@
-"""On-disk cache of the frozen features (README "Frozen feature extractors").
+"""On-disk cache of the frozen features (docs/features.md, "Frozen feature extractors").
 
 The extractors are frozen, so every sample's features are computed once. An entry stores the *parts* of
 :class:`networks.features.MultimodalFeatures` (RGB feature grid; per-group 3D features with propagation

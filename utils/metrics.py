@@ -1,4 +1,4 @@
-"""Anomaly detection metrics (README "Metrics"): AUPRO in two protocols, I-AUROC and P-AUROC.
+"""Anomaly detection metrics (docs/metrics.md): AUPRO in two protocols, I-AUROC and P-AUROC.
 
 * :func:`calculate_au_pro` with ``num_thresholds=None`` computes the exact per-region-overlap curve of the
   official MVTec 3D-AD evaluation (ties merged, 8-connected regions); with an integer it computes the sampled

@@ -1,5 +1,4 @@
-"""Scoring parts one at a time with a trained run, and the calibrated pass/fail threshold (README "Inspecting
-parts").
+"""Scoring parts one at a time with a trained run, and the calibrated pass/fail threshold (docs/inspecting.md).
 
 :class:`Predictor` loads a trained run once — method, preset, extractor weights and options all come from the run's
 sidecar — and scores a part from its files or arrays: image score, decision against the run's calibrated threshold,

@@ -1,5 +1,5 @@
-"""Run independent reproduction tasks on Ray (README "Running on a cluster"); Ray is an optional dependency
-(``requirements-distributed.txt``), imported only here and only when ``--engine ray`` is asked for.
+"""Run independent reproduction tasks on Ray (docs/reproducing.md, "Running on a cluster"); Ray is an optional
+dependency (``requirements-distributed.txt``), imported only here and only when ``--engine ray`` is asked for.
 
 Each task is one class of one configuration (method, modality or fusion variant, seed): it trains (resumably) and
 evaluates the class and stores its metrics itself, so the driver only collects results. Tasks request

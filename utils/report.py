@@ -1,5 +1,5 @@
 """The static HTML report of an inference run: every part sorted by score with its heatmap, the ground truth, the
-decision against the calibrated threshold, and the per-class metrics (README "Inspecting parts").
+decision against the calibrated threshold, and the per-class metrics (docs/inspecting.md).
 
 One self-contained page (``report.html``, inline CSS, no script) next to ``metrics.json``; the images are small PNG
 tiles under ``report/<class>/``, written by :class:`ReportBuilder` while the run goes.

@@ -1,4 +1,4 @@
-"""Result files of an evaluation run (README "Metrics").
+"""Result files of an evaluation run (docs/metrics.md).
 
 ``<results_dir>/<run_name>/metrics.json`` holds everything (the run's configuration, per-class metrics as
 fractions, their mean); ``metrics.md`` and ``metrics.csv`` hold the paper's table layout: one row per metric,
