@@ -54,7 +54,7 @@ from networks.memory_bank import (
     MemoryBank, MemoryBankDetector, gaussian_blur, greedy_coreset_of_size, nearest_neighbours, pil_blur_8bit,
     reweighted_image_score,
 )
-from networks.point_mae import load_state_dict_checked, read_state_dict
+from networks.point_mae import Mlp, load_state_dict_checked, read_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -85,23 +85,11 @@ M3DM_PRESETS = {
 
 # --- Unsupervised Feature Fusion ---------------------------------------------------------------------------------
 
-class Mlp(nn.Module):
-    """Linear → GELU → Linear (timm's Mlp with dropout 0; the reference's key names ``fc1``, ``fc2``)."""
-
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
 class FeatureFusionBlock(nn.Module):
     """The UFF (the reference's ``FeatureFusionBlock``, same key names, so that its checkpoints load strictly).
 
-    Per modality LayerNorm → MLP (ratio 4), no residual; the fused patch is [point_out, rgb_out]. The heads
+    Per modality LayerNorm → MLP (ratio 4; Point-MAE's ``Mlp``: Linear → GELU → Linear, keys ``fc1``, ``fc2``, as
+    timm's with dropout 0), no residual; the fused patch is [point_out, rgb_out]. The heads
     (→ 256) serve only the contrastive loss.
     """
 

@@ -167,7 +167,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", choices=detector_names(), default=DEFAULT_MODEL,
                         help="detection method: cmdr (CMDR-IAD), cfm (Crossmodal Feature Mapping), mafr (MAFR), btf "
                              "(Back to the Feature: PatchCore on RGB + FPFH), shape_guided (Shape-Guided dual "
-                             "memory); docs/methods.md")
+                             "memory), m3dm (M3DM: memory banks + SVM fusion), patchcore (PatchCore on the preset's "
+                             "features); docs/methods.md")
     parser.add_argument("--model_option", action="append", default=[], metavar="NAME=VALUE",
                         help="a method option, e.g. smoothness=all for mafr (docs/methods.md); repeatable")
     parser.add_argument("--sdf_checkpoint", type=Path, metavar="FILE",
