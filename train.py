@@ -38,14 +38,14 @@ from networks.activation_checkpointing import set_activation_checkpointing
 from networks.detector import Detector
 from networks.detectors import build_detector
 from networks.memory_bank import MemoryBankDetector
-from utils.checkpoints import (
+from utils.runs.checkpoints import (
     CheckpointError, check_compatible, load_resume_state, module_path, read_sidecar, resume_path, save_modules,
     save_resume_state, sidecar_path, versions,
 )
-from utils.feature_cache import FeatureCache
-from utils.io import InputError
-from utils.mvtec3d import Batch, MVTec3DDataset, make_dataloader
-from utils.pipeline import (
+from utils.runs.feature_cache import FeatureCache
+from utils.data.io import InputError
+from utils.data.mvtec3d import Batch, MVTec3DDataset, make_dataloader
+from utils.runs.pipeline import (
     RunConfig, add_run_arguments, autocast, open_split, parse_run_args, prepare_run, run_identity,
     seed_everything, setup_logging, valid_mask,
 )

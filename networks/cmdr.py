@@ -3,7 +3,7 @@
 :class:`CMDRIAD` is the harness's ``cmdr`` detector (:mod:`networks.detector`): given frozen features it returns
 per-module losses (training) and distance maps and the fused anomaly map (inference). Each module has its own
 Adam optimiser. Data, the training loop and checkpoints live in ``train.py``, ``inference.py`` and
-:mod:`utils.checkpoints`.
+:mod:`utils.runs.checkpoints`.
 """
 
 from __future__ import annotations

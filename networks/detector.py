@@ -3,7 +3,7 @@
 A method is a pure ``nn.Module`` on frozen features: it says which feature branches a modality needs, builds its
 trainable parts for an :class:`~networks.features.ExtractorConfig`, returns named losses and its optimisers'
 parameter groups, and predicts the smoothed anomaly map Ψ from features. Data, optimisers, the training loop,
-checkpoints and metrics are shared (``train.py``, ``inference.py``, :mod:`utils.checkpoints`), as in anomalib's
+checkpoints and metrics are shared (``train.py``, ``inference.py``, :mod:`utils.runs.checkpoints`), as in anomalib's
 split of models from their training glue. Adding a method (docs/methods.md)::
 
     @register_detector

@@ -1,5 +1,5 @@
 """The error type of user input, at the lowest level that raises it (weights files here; data files in
-:mod:`utils.io`, which re-exports it)."""
+:mod:`utils.data.io`, which re-exports it)."""
 
 
 class InputError(Exception):

@@ -7,7 +7,7 @@ weights) as the 3D features; ``tiny`` — small random backbones for smoke tests
 
 :class:`MultimodalFeatures` computes, for a batch of RGB images and organized clouds (B, 3, S, S), the
 pixel-aligned feature maps F2D (B, G², C2) and F3D (B, G², C3) on a G × G grid (G = S except for ``lite``). It
-works in two steps so that the expensive part can be cached (see :mod:`utils.feature_cache`):
+works in two steps so that the expensive part can be cached (see :mod:`utils.runs.feature_cache`):
 
 1. *parts* — per sample, what the frozen networks produce: the RGB feature grid (C2, h, w), and for 3D either the
    per-group features (G, C3) with the propagation indices and weights of every valid point (Point-MAE), or the

@@ -1,5 +1,5 @@
 """What an RGB backbone's inputs are normalised with, at the lowest level that needs it (the backbones'
-configurations here; the data loading in :mod:`utils.transforms` applies it)."""
+configurations here; the data loading in :mod:`utils.data.transforms` applies it)."""
 
 from __future__ import annotations
 

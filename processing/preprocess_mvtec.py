@@ -39,10 +39,10 @@ from PIL import Image
 from scipy.spatial import cKDTree
 from tqdm import tqdm
 
-from utils.io import DatasetError, atomic_path, read_rgb, read_xyz, write_text_atomic
+from utils.data.io import DatasetError, atomic_path, read_rgb, read_xyz, write_text_atomic
+from utils.data.mvtec3d import PREPROCESSED_MARKER
+from utils.data.transforms import pad_centred
 from utils.logs import setup_logging
-from utils.mvtec3d import PREPROCESSED_MARKER
-from utils.transforms import pad_centred
 
 logger = logging.getLogger("preprocess_mvtec")
 

@@ -35,7 +35,7 @@ from sklearn.neighbors import LocalOutlierFactor
 from tqdm import tqdm
 
 from scans.readers import SUPPORTED_SUFFIXES, ScanFormatError, read_points
-from utils.io import InputError, atomic_path, write_text_atomic
+from utils.data.io import InputError, atomic_path, write_text_atomic
 from utils.logs import setup_logging
 
 logger = logging.getLogger("scans.build_dataset")

@@ -25,12 +25,12 @@ from PIL import Image, ImageDraw
 
 from scans.model import build_decoder, chunk_parts, chunk_scores
 from scans.train import add_model_arguments, load_data_and_extractor, sidecar_of
-from utils.checkpoints import CheckpointError, adopt_recorded_settings
-from utils.io import InputError, atomic_path, write_text_atomic
-from utils.metrics import calculate_au_pro, image_auroc, pixel_auroc
-from utils.pipeline import setup_logging
-from utils.results import json_safe
-from utils.visualization import colormap
+from utils.data.io import InputError, atomic_path, write_text_atomic
+from utils.evaluation.metrics import calculate_au_pro, image_auroc, pixel_auroc
+from utils.evaluation.results import json_safe
+from utils.evaluation.visualization import colormap
+from utils.runs.checkpoints import CheckpointError, adopt_recorded_settings
+from utils.runs.pipeline import setup_logging
 
 logger = logging.getLogger("scans.inference")
 TOP_VIEW = 256

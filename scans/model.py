@@ -25,7 +25,7 @@ from networks.fpfh import FPFHConfig
 from networks.geometry_images import GeometryImagesConfig
 from networks.fusion import box_filter
 from scans.build_dataset import ScanDataError
-from utils.io import atomic_path
+from utils.data.io import atomic_path
 
 logger = logging.getLogger(__name__)
 

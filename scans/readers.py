@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.io import InputError
+from utils.data.io import InputError
 
 SUPPORTED_SUFFIXES = (".ply", ".pcd", ".xyz", ".txt", ".csv", ".npy")
 

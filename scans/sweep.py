@@ -21,8 +21,8 @@ from pathlib import Path
 
 from networks.features import PRESETS
 from scans import build_dataset, inference, train
-from utils.io import write_text_atomic
-from utils.pipeline import setup_logging
+from utils.data.io import write_text_atomic
+from utils.runs.pipeline import setup_logging
 
 logger = logging.getLogger("scans.sweep")
 COLUMNS = ("I-AUROC", "P-AUROC", "AUPRO@30%", "n_test", "n_anomalous", "fps")

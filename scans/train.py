@@ -23,9 +23,9 @@ from networks.cmdr import masked_cosine_loss
 from networks.features import PRESETS
 from scans.build_dataset import load
 from scans.model import build_decoder, build_extractor, chunk_parts
-from utils.checkpoints import versions
-from utils.io import InputError, atomic_path, write_text_atomic
-from utils.pipeline import resolve_device, seed_everything, setup_logging
+from utils.data.io import InputError, atomic_path, write_text_atomic
+from utils.runs.checkpoints import versions
+from utils.runs.pipeline import resolve_device, seed_everything, setup_logging
 
 logger = logging.getLogger("scans.train")
 

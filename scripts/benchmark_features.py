@@ -3,7 +3,7 @@
     python scripts/benchmark_features.py [--preset paper|tiny] [--random_init] [--device cpu|cuda]
         [--rgb_weights F] [--pointmae_weights F] [--repeats 3]
 
-The sample is a generated scene (utils.synthetic) with the table kept, so ~95% of the S² pixels are valid
+The sample is a generated scene (utils.data.synthetic) with the table kept, so ~95% of the S² pixels are valid
 points (≈ 48k at 224², the size of an MVTec 3D-AD cloud before background removal). Stages: ViT, FPS, kNN
 grouping, Point-MAE encoder, 3-NN propagation weights, propagation + scatter + pooling. Prints the median over
 ``--repeats`` runs per stage, and the peak memory (CUDA: allocator peak; CPU: the process's peak RSS).
@@ -21,8 +21,8 @@ import torch
 
 from networks.features import MultimodalFeatures, XYZParts
 from networks.point_ops import farthest_point_sample, knn_groups, three_nn_weights
-from utils.synthetic import render_sample, sample_rng
-from utils.transforms import rgb_to_tensor, xyz_to_tensor
+from utils.data.synthetic import render_sample, sample_rng
+from utils.data.transforms import rgb_to_tensor, xyz_to_tensor
 
 
 def _sync(device: torch.device) -> None:

@@ -11,7 +11,7 @@ import time
 import numpy as np
 
 
-from utils.metrics import PAPER_NUM_THRESHOLDS, calculate_au_pro, image_auroc, pixel_auroc
+from utils.evaluation.metrics import PAPER_NUM_THRESHOLDS, calculate_au_pro, image_auroc, pixel_auroc
 
 
 def main() -> None:

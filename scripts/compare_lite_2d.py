@@ -34,11 +34,11 @@ from tqdm import tqdm
 
 from networks.efficientnet_lite import EfficientNetLiteConfig
 from networks.features import PRESETS, ExtractorConfig, MultimodalFeatures
-from utils.feature_cache import FeatureCache
-from utils.io import write_text_atomic
-from utils.metrics import image_auroc, image_auroc_per_defect, pixel_auroc
-from utils.mvtec3d import MVTec3DDataset, make_dataloader
-from utils.pipeline import setup_logging, valid_mask
+from utils.runs.feature_cache import FeatureCache
+from utils.data.io import write_text_atomic
+from utils.evaluation.metrics import image_auroc, image_auroc_per_defect, pixel_auroc
+from utils.data.mvtec3d import MVTec3DDataset, make_dataloader
+from utils.runs.pipeline import setup_logging, valid_mask
 
 logger = logging.getLogger("compare_lite_2d")
 

@@ -10,8 +10,8 @@ checkpoints under ``DIR/<variant>``), scores the test split with ``scripts/map_d
 alone, the mapping and reconstruction terms and Ψ, per defect type; CMDR-IAD 2D+3D only) or, for other methods, with
 inference.py, and writes ``DIR/<variant>.json``; at the end it prints one Markdown table of I-AUROC per class and
 variant with the stains beside it. A variant already in ``DIR`` is not run again. The tables of
-docs/lite_3d_branch.md were measured with it (40 training and 150 test samples per class: ``python -m utils.synthetic D --classes
-dome torus box --n_train 40 --n_test 150 --background none``).
+docs/lite_3d_branch.md were measured with it (40 training and 150 test samples per class:
+``python -m utils.data.synthetic D --classes dome torus box --n_train 40 --n_test 150 --background none``).
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from networks.features import PRESETS, ExtractorConfig
 from networks.fpfh import FPFHConfig
 from networks.geometry_images import GeometryImagesConfig
 from scripts import map_diagnostics
-from utils.io import write_text_atomic
-from utils.pipeline import setup_logging
+from utils.data.io import write_text_atomic
+from utils.runs.pipeline import setup_logging
 
 logger = logging.getLogger("compare_lite_3d")
 

@@ -30,14 +30,14 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 
-from utils.feature_cache import FeatureCache
-from utils.io import InputError, write_text_atomic
-from utils.metrics import image_auroc, image_auroc_per_defect, pixel_auroc
-from utils.mvtec3d import Batch, MVTec3DDataset, make_dataloader
-from utils.pipeline import (
+from utils.runs.feature_cache import FeatureCache
+from utils.data.io import InputError, write_text_atomic
+from utils.evaluation.metrics import image_auroc, image_auroc_per_defect, pixel_auroc
+from utils.data.mvtec3d import Batch, MVTec3DDataset, make_dataloader
+from utils.runs.pipeline import (
     RunConfig, add_feature_arguments, open_split, parse_run_args, prepare_run, setup_logging, valid_mask,
 )
-from utils.results import json_safe, percent
+from utils.evaluation.results import json_safe, percent
 
 logger = logging.getLogger("feature_separability")
 

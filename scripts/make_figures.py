@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 
 
-from utils.mvtec3d import MVTec3DDataset
+from utils.data.mvtec3d import MVTec3DDataset
 from utils.logs import setup_logging
-from utils.transforms import denormalize_rgb
-from utils.visualization import depth_image, overlay, save_tiles, with_contour
+from utils.data.transforms import denormalize_rgb
+from utils.evaluation.visualization import depth_image, overlay, save_tiles, with_contour
 
 logger = logging.getLogger("make_figures")
 RUN_LABELS = {"rgb": "2D", "xyz": "3D", "rgbxyz": "2D+3D"}

@@ -25,9 +25,9 @@ from pathlib import Path
 
 
 from networks.detectors import DETECTORS
-from utils.io import write_text_atomic
+from utils.data.io import write_text_atomic
 from utils.logs import setup_logging
-from utils.mvtec3d import MVTEC3D_CLASSES
+from utils.data.mvtec3d import MVTEC3D_CLASSES
 
 logger = logging.getLogger("make_tables")
 

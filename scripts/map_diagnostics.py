@@ -30,11 +30,11 @@ from tqdm import tqdm
 from networks.fusion import (
     FUSION_VARIANTS, final_smoothing, normalize_scores, pre_smooth_rgb_reconstruction,
 )
-from utils.io import InputError, write_text_atomic
-from utils.metrics import image_auroc, image_auroc_per_defect
-from utils.mvtec3d import MVTec3DDataset, collate_samples
-from utils.pipeline import setup_logging, valid_mask, xyz_policy
-from utils.predictor import Predictor, add_run_arguments
+from utils.data.io import InputError, write_text_atomic
+from utils.evaluation.metrics import image_auroc, image_auroc_per_defect
+from utils.data.mvtec3d import MVTec3DDataset, collate_samples
+from utils.runs.pipeline import setup_logging, valid_mask, xyz_policy
+from utils.station.predictor import Predictor, add_run_arguments
 
 logger = logging.getLogger("map_diagnostics")
 

@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         logger.error("%s", err)
         return 1
-    logger.info("%s: %s images copied to %s (check with `python -m utils.mvtec3d %s --class_names %s --xyz "
+    logger.info("%s: %s images copied to %s (check with `python -m utils.data.mvtec3d %s --class_names %s --xyz "
                 "optional`)", args.class_dir.name, ", ".join(f"{k} {v}" for k, v in counts.items()), args.out,
                 args.out, args.class_dir.name)
     return 0

@@ -42,14 +42,14 @@ from tqdm import tqdm
 
 from inference import check_fusion, evaluate_class, fusion_choices
 from train import INTERRUPTED_EXIT, TrainingInterrupted, train_class
-from utils.checkpoints import versions
-from utils.feature_cache import FeatureCache
-from utils.io import InputError, write_text_atomic
-from utils.mvtec3d import resolve_class_names
-from utils.pipeline import (
+from utils.runs.checkpoints import versions
+from utils.runs.feature_cache import FeatureCache
+from utils.data.io import InputError, write_text_atomic
+from utils.data.mvtec3d import resolve_class_names
+from utils.runs.pipeline import (
     RunConfig, add_run_arguments, parse_run_args, prepare_run, setup_logging,
 )
-from utils.results import write_results
+from utils.evaluation.results import write_results
 
 logger = logging.getLogger("reproduce")
 
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     if args.engine == "ray":
-        from utils.ray_engine import run_tasks
+        from utils.runs.ray_engine import run_tasks
 
         try:
             run_tasks(run_class, todo, address=args.address, cpus_per_task=args.cpus_per_task,

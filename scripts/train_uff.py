@@ -32,9 +32,9 @@ from tqdm import tqdm
 
 
 from networks.m3dm import FeatureFusionBlock, uff_cosine_schedule, uff_training_pairs
-from utils.io import atomic_path
-from utils.mvtec3d import collate_samples
-from utils.pipeline import RunConfig, add_feature_arguments, open_split, prepare_run, setup_logging
+from utils.data.io import atomic_path
+from utils.data.mvtec3d import collate_samples
+from utils.runs.pipeline import RunConfig, add_feature_arguments, open_split, prepare_run, setup_logging
 
 logger = logging.getLogger("train_uff")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import huggingface_hub
 import pytest
 
-from utils.synthetic import SyntheticConfig, generate_dataset
+from utils.data.synthetic import SyntheticConfig, generate_dataset
 
 # Small, non-square, every defect type present in the test split.
 TEST_DATA_CONFIG = SyntheticConfig(classes=("dome", "box"), n_train=4, n_val=2, n_test=8, size=(64, 80))

@@ -12,12 +12,14 @@ import torch
 from PIL import Image
 from torchvision.transforms import functional as TF
 
-from utils.io import DatasetError, read_mask, read_xyz
-from utils.mvtec3d import (
+from utils.data.io import DatasetError, read_mask, read_xyz
+from utils.data.mvtec3d import (
     MVTec3DDataset, collate_samples, discover_samples, main, make_dataloader, resolve_class_names,
 )
-from utils.synthetic import SyntheticConfig
-from utils.transforms import IMAGENET_MEAN, IMAGENET_STD, mask_to_tensor, pad_to_square, rgb_to_tensor, xyz_to_tensor
+from utils.data.synthetic import SyntheticConfig
+from utils.data.transforms import (
+    IMAGENET_MEAN, IMAGENET_STD, mask_to_tensor, pad_to_square, rgb_to_tensor, xyz_to_tensor,
+)
 
 IMG_SIZE = 32
 
@@ -206,7 +208,7 @@ def test_class_resolution(synthetic_root: Path, synthetic_config: SyntheticConfi
 # --- bad input -------------------------------------------------------------------------------------------------------
 
 def test_missing_dataset_folder(tmp_path: Path):
-    with pytest.raises(DatasetError, match="does not exist.*utils.synthetic"):
+    with pytest.raises(DatasetError, match="does not exist.*utils.data.synthetic"):
         discover_samples(tmp_path / "nowhere", "dome", "train")
 
 

@@ -30,7 +30,7 @@ from networks.features import ExtractorConfig, ViTConfig
 from networks.fpfh import FPFHConfig
 from networks.memory_bank import MemoryBankDetector
 from train import make_optimizers
-from utils.synthetic import SyntheticConfig, generate_dataset
+from utils.data.synthetic import SyntheticConfig, generate_dataset
 
 MeasuredCheck = Callable[..., None]  # the check_measured fixture (conftest.py)
 

@@ -19,7 +19,7 @@ from networks.features import PRESETS
 from networks.fusion import box_filter
 from networks.mafr import MAFR, TokenCBAM, census_loss, smoothness_loss, znssd_loss
 from train import make_optimizers
-from utils.checkpoints import CheckpointError, load_modules, save_modules
+from utils.runs.checkpoints import CheckpointError, load_modules, save_modules
 
 TINY = PRESETS["tiny"]
 CASES = [(name, modality) for name in sorted(DETECTORS) for modality in DETECTORS[name].modalities]

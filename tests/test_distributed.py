@@ -13,9 +13,9 @@ import torch
 
 from networks.features import MultimodalFeatures
 from scripts import reproduce
-from utils.feature_cache import FeatureCache
-from utils.metrics import METRIC_KEYS
-from utils.mvtec3d import MVTec3DDataset, collate_samples
+from utils.data.mvtec3d import MVTec3DDataset, collate_samples
+from utils.evaluation.metrics import METRIC_KEYS
+from utils.runs.feature_cache import FeatureCache
 
 ray = pytest.importorskip("ray", reason="Ray is optional: pip install -r requirements-distributed.txt")
 

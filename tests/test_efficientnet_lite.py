@@ -15,9 +15,9 @@ from networks.efficientnet_lite import (
 )
 from networks.features import PRESETS, MultimodalFeatures
 from networks.point_mae import WeightsError
-from utils.io import read_rgb
-from utils.pipeline import open_split
-from utils.transforms import IMAGENET, rgb_to_tensor
+from utils.data.io import read_rgb
+from utils.runs.pipeline import open_split
+from utils.data.transforms import IMAGENET, rgb_to_tensor
 
 
 def test_converter_renames_lukemelas_keys_to_timm():

@@ -13,10 +13,10 @@ import tifffile
 import torch
 
 from networks.features import FEATURE_PIPELINE_VERSION, PRESETS, MultimodalFeatures
-from utils.feature_cache import FeatureCache
-from utils.io import DatasetError
-from utils.mvtec3d import MVTec3DDataset, collate_samples, make_dataloader
-from utils.pipeline import open_split
+from utils.data.io import DatasetError
+from utils.data.mvtec3d import MVTec3DDataset, collate_samples, make_dataloader
+from utils.runs.feature_cache import FeatureCache
+from utils.runs.pipeline import open_split
 
 IMG_SIZE = PRESETS["tiny"].img_size
 
@@ -71,7 +71,8 @@ def test_another_feature_pipeline_version_recomputes(extractor: MultimodalFeatur
     cache.features(batch)
     cache.features(batch)
     assert (cache.hits, cache.misses) == (4, 4)
-    monkeypatch.setattr("utils.feature_cache.FEATURE_PIPELINE_VERSION", FEATURE_PIPELINE_VERSION + 1)  # code changed
+    # the code changed
+    monkeypatch.setattr("utils.runs.feature_cache.FEATURE_PIPELINE_VERSION", FEATURE_PIPELINE_VERSION + 1)
     cache.features(batch)
     assert (cache.hits, cache.misses) == (4, 8)
     cache.features(batch)

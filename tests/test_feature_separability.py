@@ -11,8 +11,8 @@ import torch
 
 from scripts import feature_separability
 from scripts.feature_separability import class_separability, main, nearest_neighbour_distances
-from utils.feature_cache import FeatureCache
-from utils.pipeline import RunConfig, prepare_run
+from utils.runs.feature_cache import FeatureCache
+from utils.runs.pipeline import RunConfig, prepare_run
 
 
 def test_nearest_neighbour_distances_match_brute_force():

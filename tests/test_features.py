@@ -17,8 +17,8 @@ from networks.point_mae import (
     POINTMAE_URL, TRUST_PICKLE_ENV, Block, PointMAEConfig, PointMAEEncoder, WeightsError, _batch_norm,
     load_pointmae_weights, read_checkpoint,
 )
-from utils.mvtec3d import MVTec3DDataset, collate_samples
-from utils.pipeline import open_split
+from utils.data.mvtec3d import MVTec3DDataset, collate_samples
+from utils.runs.pipeline import open_split
 
 # Every parameter name and shape of the reference modules (a copy of shared/spec/reference_state_dicts.json).
 REFERENCE = Path(__file__).resolve().parent / "data" / "reference_state_dicts.json"

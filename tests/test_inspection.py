@@ -19,8 +19,8 @@ import calibrate
 import inference
 import predict
 import train
-from utils.io import read_rgb, read_xyz
-from utils.predictor import Predictor, calibrate_threshold, threshold_path
+from utils.data.io import read_rgb, read_xyz
+from utils.station.predictor import Predictor, calibrate_threshold, threshold_path
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 

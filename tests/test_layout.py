@@ -1,5 +1,5 @@
-"""The layering of the code: lower layers never import higher ones (networks/ knows nothing of utils/), no import
-circles between utils modules, one logging setup."""
+"""The layering of the code: lower layers never import higher ones (networks/ knows nothing of utils/, utils/data
+nothing of utils/runs), no import circles between utils modules, one logging setup."""
 
 from __future__ import annotations
 
@@ -28,9 +28,36 @@ def test_networks_never_import_utils_or_the_entry_points(path: Path):
     assert not upward, f"networks/{path.name} imports {sorted(upward)}: move what it needs down into networks/"
 
 
+def utils_module(path: Path) -> str:
+    """utils/runs/pipeline.py -> "runs.pipeline"."""
+    return ".".join(path.relative_to(ROOT / "utils").with_suffix("").parts)
+
+
+UTILS_MODULES = sorted((ROOT / "utils").rglob("*.py"), key=str)
+
+# utils/ sub-packages and the ones each may import (besides itself and utils/logs.py): data at the bottom, the
+# station (scoring parts on the line) at the top.
+ALLOWED = {"data": set(), "evaluation": {"data"}, "runs": {"data"}, "station": {"data", "runs", "evaluation"}}
+
+
+def test_utils_is_divided_into_the_documented_sub_packages():
+    loose = [utils_module(p) for p in UTILS_MODULES if p.parent == ROOT / "utils" and p.stem not in ("__init__", "logs")]
+    assert not loose, f"utils modules outside a sub-package: {loose}"
+    assert {p.parent.name for p in UTILS_MODULES if p.parent != ROOT / "utils"} == set(ALLOWED)
+
+
+@pytest.mark.parametrize("path", UTILS_MODULES, ids=utils_module)
+def test_utils_sub_packages_import_only_the_floors_below(path: Path):
+    package = utils_module(path).split(".")[0]
+    if package not in ALLOWED:
+        return  # utils/__init__.py and utils/logs.py
+    used = {m.split(".")[1] for m in imported_modules(path) if m.startswith("utils.")} - {package, "logs"}
+    assert used <= ALLOWED[package], f"utils/{package} imports utils.{sorted(used - ALLOWED[package])}"
+
+
 def test_no_import_circle_between_utils_modules():
-    graph = {p.stem: {m.split(".")[1] for m in imported_modules(p) if m.startswith("utils.")}
-             for p in (ROOT / "utils").glob("*.py")}
+    graph = {utils_module(p): {m.removeprefix("utils.") for m in imported_modules(p) if m.startswith("utils.")}
+             for p in UTILS_MODULES}
 
     def reaches(start: str, goal: str, seen: set[str]) -> bool:
         return any(n == goal or (n not in seen and reaches(n, goal, seen | {n})) for n in graph.get(start, ()))

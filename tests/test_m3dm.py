@@ -267,7 +267,7 @@ def test_an_m3dm_run_is_calibrated_predicted_and_reported_like_the_others(synthe
     import inference
     import predict
     import train
-    from utils.predictor import Predictor
+    from utils.station.predictor import Predictor
 
     common = ["--dataset_path", str(synthetic_root), "--model", "m3dm", "--preset", "tiny", "--random_init",
               "--cache_dir", str(tmp_path / "cache"), "--device", "cpu", "--epochs_no", "1", "--batch_size", "2"]

@@ -14,7 +14,7 @@ from scipy import ndimage
 import inference
 import train
 from scripts import map_diagnostics
-from utils.predictor import Predictor
+from utils.station.predictor import Predictor
 
 EPOCHS = 2
 

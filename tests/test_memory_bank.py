@@ -22,7 +22,7 @@ from networks.memory_bank import (
     reweighted_image_score,
 )
 from networks.resnet import ResNetConfig, combine_stages
-from utils.checkpoints import load_modules, save_modules
+from utils.runs.checkpoints import load_modules, save_modules
 
 
 def brute_force_k_center(points: np.ndarray, n: int) -> list[int]:

@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from utils.io import atomic_path
-from utils.metrics import (
+from utils.data.io import atomic_path
+from utils.evaluation.metrics import (
     AUPRO_LIMITS, METRIC_KEYS, PAPER_NUM_THRESHOLDS, aupro_key, calculate_au_pro, class_metrics, image_auroc,
     image_auroc_per_defect, pixel_auroc, trapezoid,
 )
-from utils.results import write_results
-from utils.transforms import mask_to_tensor, to_native_resolution
+from utils.evaluation.results import write_results
+from utils.data.transforms import mask_to_tensor, to_native_resolution
 
 # --- brute-force references ------------------------------------------------------------------------------------------
 

@@ -17,8 +17,8 @@ from processing.preprocess_mvtec import (
     BackgroundRemovalConfig, border_points, dbscan_labels, fit_plane, main, pad_to_multiple, ransac_plane,
     remove_background,
 )
-from utils.mvtec3d import PREPROCESSED_MARKER, is_background_removed
-from utils.synthetic import SyntheticConfig, generate_dataset, render_sample, sample_rng
+from utils.data.mvtec3d import PREPROCESSED_MARKER, is_background_removed
+from utils.data.synthetic import SyntheticConfig, generate_dataset, render_sample, sample_rng
 
 CONFIG = BackgroundRemovalConfig()
 SIZE = (120, 150)

@@ -11,7 +11,7 @@ from PIL import Image
 
 import inference
 from scripts import make_figures, reproduce
-from utils.metrics import METRIC_KEYS
+from utils.evaluation.metrics import METRIC_KEYS
 
 
 def tiny(data: Path, work: Path, modality: str = "rgbxyz") -> list[str]:

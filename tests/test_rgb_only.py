@@ -18,10 +18,10 @@ import predict
 import train
 from networks.features import MultimodalFeatures
 from scripts.prepare_2d_class import copy_class
-from utils.mvtec3d import MVTec3DDataset, collate_samples
-from utils.pipeline import valid_mask
-from utils.synthetic import SyntheticConfig, generate_dataset
-from utils.transforms import image_area
+from utils.data.mvtec3d import MVTec3DDataset, collate_samples
+from utils.data.synthetic import SyntheticConfig, generate_dataset
+from utils.data.transforms import image_area
+from utils.runs.pipeline import valid_mask
 
 HEIGHT, WIDTH = 400, 900  # rope's size
 

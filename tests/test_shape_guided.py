@@ -123,7 +123,7 @@ def test_sdf_checkpoint_flag_is_the_model_option():
     import argparse
     from pathlib import Path
 
-    from utils.pipeline import RunConfig, add_run_arguments, parse_run_args
+    from utils.runs.pipeline import RunConfig, add_run_arguments, parse_run_args
 
     parser = argparse.ArgumentParser()
     add_run_arguments(parser, training=True)

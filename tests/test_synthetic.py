@@ -13,7 +13,7 @@ from PIL import Image
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
-from utils.synthetic import (
+from utils.data.synthetic import (
     COLOUR_DEFECTS, DEFECT_TYPES, GEOMETRIC_DEFECTS, MARKER_FILE, SHAPES, SyntheticConfig, generate_dataset, main,
     render_sample, sample_rng,
 )
@@ -134,7 +134,7 @@ def test_regeneration_replaces_stale_samples(tmp_path: Path):
 
 def test_refuses_to_write_into_a_foreign_folder(tmp_path: Path):
     (tmp_path / "precious.txt").write_text("user data")
-    with pytest.raises(FileExistsError, match="not written by utils.synthetic"):
+    with pytest.raises(FileExistsError, match="not written by utils.data.synthetic"):
         generate_dataset(tmp_path, SyntheticConfig(classes=("dome",), n_train=1, n_val=0, n_test=2, size=(40, 48)))
     assert (tmp_path / "precious.txt").read_text() == "user data"
     assert main([str(tmp_path), "--classes", "1", "--n_train", "1", "--n_test", "2", "--size", "40", "48"]) == 2

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from scripts.make_tables import PAPER_RESULTS, main
-from utils.metrics import METRIC_KEYS
-from utils.mvtec3d import MVTEC3D_CLASSES
-from utils.results import write_results
+from utils.data.mvtec3d import MVTEC3D_CLASSES
+from utils.evaluation.metrics import METRIC_KEYS
+from utils.evaluation.results import write_results
 
 
 def fake_run(root: Path, name: str, modality: str, fusion: str, value: float, model: str | None = None) -> Path:
@@ -162,8 +162,9 @@ def test_flop_count_of_a_matrix_product():
 
 def test_matmul_rate_keeps_to_its_time_budget(monkeypatch: pytest.MonkeyPatch):
     """An emulated dtype must not take minutes: with the budget spent, the operands stop growing at 256."""
-    import benchmark
     import torch
+
+    import benchmark
 
     sizes = []
     real_randn = torch.randn

@@ -17,8 +17,8 @@ import inference
 import train
 from networks.cmdr import CMDRIAD, MODULES_OF_MODALITY, build_module
 from networks.features import PRESETS
-from utils.checkpoints import module_path, resume_path, run_folder, sidecar_path
-from utils.metrics import METRIC_KEYS
+from utils.evaluation.metrics import METRIC_KEYS
+from utils.runs.checkpoints import module_path, resume_path, run_folder, sidecar_path
 
 EPOCHS = 2
 
@@ -483,7 +483,7 @@ def test_a_non_finite_loss_skips_only_its_own_module():
 
 
 def test_amp_on_a_cpu_that_emulates_bf16_warns(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture):
-    from utils import pipeline
+    from utils.runs import pipeline
 
     probed = []
     monkeypatch.setattr(pipeline, "bf16_slowdown", lambda device: probed.append(device) or 30.0)
@@ -496,7 +496,7 @@ def test_amp_on_a_cpu_that_emulates_bf16_warns(monkeypatch: pytest.MonkeyPatch, 
 
 
 def test_bf16_slowdown_is_a_ratio_of_real_timings():
-    from utils.pipeline import bf16_slowdown
+    from utils.runs.pipeline import bf16_slowdown
 
     assert bf16_slowdown(torch.device("cpu"), size=64) > 0
     assert bf16_slowdown(torch.device("meta")) == 1.0

@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from utils.io import atomic_path
+from utils.data.io import atomic_path
 
 # Anchor colours of a perceptually ordered map (dark blue → cyan → yellow → red), interpolated linearly.
 _COLORMAP_ANCHORS = np.array(

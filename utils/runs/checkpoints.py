@@ -29,7 +29,7 @@ from torch import nn
 
 from networks.memory_bank import MemoryBank
 from networks.point_mae import load_state_dict_checked
-from utils.io import InputError, atomic_path, write_text_atomic
+from utils.data.io import InputError, atomic_path, write_text_atomic
 
 logger = logging.getLogger(__name__)
 

@@ -20,14 +20,14 @@ from networks.detectors import (
 )
 from networks.features import PRESETS, MultimodalFeatures, footprint_mask, foreground_mask
 from networks.memory_bank import MemoryBankDetector
-from utils.checkpoints import DEFAULT_SEED, run_folder  # noqa: F401 - DEFAULT_SEED re-exported
-from utils.feature_cache import FeatureCache
-from utils.io import InputError
-from utils.logs import setup_logging  # noqa: F401 - re-exported for the entry points
-from utils.mvtec3d import (
+from utils.data.io import InputError
+from utils.data.mvtec3d import (
     PREPROCESSED_MARKER, Batch, MVTec3DDataset, XyzPolicy, is_background_removed, resolve_class_names,
 )
-from utils.transforms import image_area
+from utils.data.transforms import image_area
+from utils.logs import setup_logging  # noqa: F401 - re-exported for the entry points
+from utils.runs.checkpoints import DEFAULT_SEED, run_folder  # noqa: F401 - DEFAULT_SEED re-exported
+from utils.runs.feature_cache import FeatureCache
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ class RunConfig:
 
     @property
     def run_dir(self) -> Path:
-        """The checkpoint folder of this (model, modality, seed); see :func:`utils.checkpoints.run_folder`."""
+        """The checkpoint folder of this (model, modality, seed); see :func:`utils.runs.checkpoints.run_folder`."""
         return run_folder(self.checkpoint_dir, self.model, self.modality, self.seed)
 
     def build_detector(self, extractor: MultimodalFeatures) -> Detector:
@@ -94,7 +94,7 @@ def add_feature_arguments(
     """The options that choose the data and the frozen features: dataset, classes, modality, backbones, cache.
 
     ``from_checkpoint``: the extractor options default to None, to be taken from the trained run
-    (:func:`utils.checkpoints.adopt_recorded_settings`).
+    (:func:`utils.runs.checkpoints.adopt_recorded_settings`).
     """
     recorded = " (default: the trained run's)" if from_checkpoint else ""
     parser.add_argument("--dataset_path", type=Path, required=True, help="dataset root in the MVTec 3D-AD layout")

@@ -1,7 +1,7 @@
 """File input and output: dataset readers with errors that name the file, and atomic writes.
 
 Every reader returns plain numpy arrays at the file's native resolution; resizing and
-normalisation live in :mod:`utils.transforms`.
+normalisation live in :mod:`utils.data.transforms`.
 """
 
 from __future__ import annotations

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from utils.io import write_text_atomic
-from utils.results import metrics_table, per_defect_table
-from utils.visualization import overlay, save_tiles, with_contour
+from utils.data.io import write_text_atomic
+from utils.evaluation.results import metrics_table, per_defect_table
+from utils.evaluation.visualization import overlay, save_tiles, with_contour
 
 THUMBNAIL = 160  # pixels per tile side in the report
 

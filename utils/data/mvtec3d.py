@@ -10,7 +10,7 @@ Files are paired by stem, never by sorted position, and samples are ordered by
 (defect type, stem) so that every run sees them in the same order. For 2D-only datasets
 (rgb + gt, like MVTec AD converted to this layout) the ``xyz`` folders may be absent.
 
-Run ``python -m utils.mvtec3d DATA_DIR`` to read every sample of a dataset once and print a
+Run ``python -m utils.data.mvtec3d DATA_DIR`` to read every sample of a dataset once and print a
 summary; it stops at the first bad file with a message naming it.
 """
 
@@ -31,10 +31,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from utils.io import DatasetError, read_mask, read_rgb, read_xyz
+from utils.data.io import DatasetError, read_mask, read_rgb, read_xyz
+from utils.data.synthetic import MARKER_FILE as SYNTHETIC_MARKER
+from utils.data.transforms import IMAGENET, Normalization, mask_to_tensor, rgb_to_tensor, xyz_to_tensor
 from utils.logs import setup_logging
-from utils.synthetic import MARKER_FILE as SYNTHETIC_MARKER
-from utils.transforms import IMAGENET, Normalization, mask_to_tensor, rgb_to_tensor, xyz_to_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ def find_class_names(root: str | Path) -> list[str]:
     if not root.is_dir():
         raise DatasetError(
             f"dataset folder {root} does not exist; generate synthetic data with "
-            f"`python -m utils.synthetic {root}` or download MVTec 3D-AD (see README)"
+            f"`python -m utils.data.synthetic {root}` or download MVTec 3D-AD (see README)"
         )
     return sorted(p.name for p in root.iterdir() if (p / "train").is_dir() or (p / "test").is_dir())
 
@@ -372,7 +372,7 @@ def _summarise(dataset: MVTec3DDataset, batch_size: int) -> dict[str, object]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m utils.mvtec3d",
+        prog="python -m utils.data.mvtec3d",
         description="Read every sample of an MVTec 3D-AD style dataset once and print a summary.",
     )
     parser.add_argument("dataset_path", type=Path)

@@ -27,11 +27,11 @@ import torch
 from networks.detector import Detector
 from networks.detectors import build_detector, detector_class, extractor_config, parse_model_options
 from networks.features import MultimodalFeatures
-from utils.checkpoints import CheckpointError, load_modules, read_sidecar, select_run, sidecar_path
-from utils.io import InputError, read_rgb, read_xyz, write_text_atomic
-from utils.mvtec3d import Batch
-from utils.pipeline import model_identity, resolve_device, valid_mask
-from utils.transforms import rgb_to_tensor, to_native_resolution, xyz_to_tensor
+from utils.data.io import InputError, read_rgb, read_xyz, write_text_atomic
+from utils.data.mvtec3d import Batch
+from utils.data.transforms import rgb_to_tensor, to_native_resolution, xyz_to_tensor
+from utils.runs.checkpoints import CheckpointError, load_modules, read_sidecar, select_run, sidecar_path
+from utils.runs.pipeline import model_identity, resolve_device, valid_mask
 
 logger = logging.getLogger(__name__)
 

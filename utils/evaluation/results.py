@@ -15,8 +15,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from utils.io import write_text_atomic
-from utils.metrics import METRIC_KEYS, PER_DEFECT_KEY, mean_metrics
+from utils.data.io import write_text_atomic
+from utils.evaluation.metrics import METRIC_KEYS, PER_DEFECT_KEY, mean_metrics
 
 PerClass = Mapping[str, Mapping[str, Any]]
 
@@ -92,7 +92,7 @@ def write_results(run_dir: str | Path, config: Mapping[str, Any], per_class: Per
     Args:
         run_dir: ``<results_dir>/<run_name>``.
         config: everything needed to rerun the evaluation.
-        per_class: class name -> metrics dict of :func:`utils.metrics.class_metrics`.
+        per_class: class name -> metrics dict of :func:`utils.evaluation.metrics.class_metrics`.
 
     Returns:
         The path of metrics.json.

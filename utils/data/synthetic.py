@@ -19,7 +19,7 @@ look locally.
 
 Usage::
 
-    python -m utils.synthetic OUT_DIR [--classes dome torus box | N] [--n_train 12] [--n_val 4]
+    python -m utils.data.synthetic OUT_DIR [--classes dome torus box | N] [--n_train 12] [--n_val 4]
         [--n_test 15] [--size H W] [--seed 0] [--defects ...] [--background table|none]
 """
 
@@ -299,7 +299,7 @@ def _prepare_output(out_dir: Path, classes: Sequence[str]) -> None:
     marker = out_dir / MARKER_FILE
     if out_dir.exists() and any(out_dir.iterdir()) and not marker.is_file():
         raise FileExistsError(
-            f"{out_dir} exists, is not empty and was not written by utils.synthetic (no {MARKER_FILE}); "
+            f"{out_dir} exists, is not empty and was not written by utils.data.synthetic (no {MARKER_FILE}); "
             "choose another output folder"
         )
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -332,7 +332,7 @@ def generate_dataset(out_dir: str | Path, config: SyntheticConfig = SyntheticCon
     marker = out_dir / MARKER_FILE
     previous = json.loads(marker.read_text())["classes"] if marker.is_file() else {}
     previous.update({c: asdict(config) for c in config.classes})
-    metadata = {"generator": "utils.synthetic", "version": GENERATOR_VERSION, "classes": previous}
+    metadata = {"generator": "utils.data.synthetic", "version": GENERATOR_VERSION, "classes": previous}
     marker.write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
     logger.info("wrote %d samples of %s to %s", len(jobs), ", ".join(config.classes), out_dir)
     return out_dir
@@ -351,7 +351,7 @@ def _parse_classes(values: Sequence[str]) -> tuple[str, ...]:
 def main(argv: Sequence[str] | None = None) -> int:
     defaults = SyntheticConfig()
     parser = argparse.ArgumentParser(
-        prog="python -m utils.synthetic",
+        prog="python -m utils.data.synthetic",
         description="Write a synthetic dataset in the MVTec 3D-AD layout.",
     )
     parser.add_argument("out_dir", type=Path)

@@ -26,8 +26,8 @@ from tqdm import tqdm
 from networks.features import (
     FEATURE_PIPELINE_VERSION, GridParts, MultimodalFeatures, PointParts, XYZParts, parts_from_tensors, parts_to_tensors,
 )
-from utils.io import DatasetError, atomic_path
-from utils.mvtec3d import Batch, MVTec3DDataset, SampleRecord, make_dataloader
+from utils.data.io import DatasetError, atomic_path
+from utils.data.mvtec3d import Batch, MVTec3DDataset, SampleRecord, make_dataloader
 
 logger = logging.getLogger(__name__)
 

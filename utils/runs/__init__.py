@@ -1,0 +1,2 @@
+"""Runs: the shared run options and model identity (pipeline), the feature cache, checkpoints and the Ray engine.
+Imports only utils.data."""

@@ -1,0 +1,2 @@
+"""Station: scoring parts one at a time on the line (the predictor and its thresholds). Imports utils.data and
+utils.runs."""
