@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import sys
 from pathlib import Path
 
@@ -28,6 +29,7 @@ import train
 from networks.detectors import DEFAULT_MODEL, detector_names
 from networks.features import PRESETS
 from utils.data.synthetic import SyntheticConfig, generate_dataset
+from utils.runs.checkpoints import DEFAULT_SEED, run_folder
 from utils.runs.pipeline import setup_logging
 
 logger = logging.getLogger("demo")
@@ -72,12 +74,16 @@ def main(argv: list[str] | None = None) -> int:
         common.append("--random_init")
     common += [f"--{name}={value}" for name in ("rgb_weights", "pointmae_weights")
                if (value := getattr(args, name)) is not None]
-    if train.main([*common, "--class_name", *args.classes,
-                   "--checkpoint_savepath", str(args.out / "checkpoints" / args.preset)]) != 0:
+    checkpoints = args.out / "checkpoints" / args.preset
+    run = run_folder(checkpoints, args.model, "rgbxyz", DEFAULT_SEED)
+    for class_name in args.classes:  # the demo trains afresh each time: a run of an older version must not block it
+        if (run / class_name).is_dir():
+            shutil.rmtree(run / class_name)
+    if train.main([*common, "--class_name", *args.classes, "--checkpoint_savepath", str(checkpoints)]) != 0:
         return 1
     run_name = f"{args.model}_{args.preset}_demo"
     status = inference.main([*common, "--class_names", *args.classes, "--checkpoint_folder",
-                             str(args.out / "checkpoints" / args.preset), "--results_dir", str(args.out / "results"),
+                             str(checkpoints), "--results_dir", str(args.out / "results"),
                              "--run_name", run_name, "--save_maps"])
     if status == 0:
         logger.info("open %s to see the heatmaps (RGB | depth | ground truth | anomaly map)",

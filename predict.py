@@ -2,9 +2,11 @@
 
     python predict.py --checkpoint_folder RUN --class_name C [--rgb FILE|DIR] [--xyz FILE|DIR] [--out DIR]
         [--watch] [--poll_seconds 1] [--max_parts N] [--epochs_no E] [--batch_size B] [--device auto|cpu|cuda]
+    python predict.py --onnx model.onnx [--rgb FILE|DIR] [--xyz FILE|DIR] [--out DIR] [--watch] ...
 
 Everything about the model (method, preset, extractor weights, options, the calibrated threshold of calibrate.py)
-comes from the run folder. With folders, an image and a cloud with the same file stem are one part (``.png`` /
+comes from the run folder, or, with ``--onnx``, from a file export.py wrote (run in onnxruntime: no checkpoint
+folder, no extractor weights). With folders, an image and a cloud with the same file stem are one part (``.png`` /
 ``.jpg`` images, ``.tiff`` clouds). Each part gets one line in ``<out>/results.csv`` and ``<out>/results.jsonl``
 (score, decision, error, seconds) and an overlay ``<out>/overlays/<part>.png`` (the heatmap on the image, scaled
 by the run's calibration so that good parts stay dark); a part already in the results is not scored again, so a
@@ -25,10 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.data.io import InputError, read_rgb
+from utils.data.io import InputError, WriteError, read_rgb
 from utils.evaluation.visualization import overlay, save_tiles
 from utils.runs.pipeline import setup_logging
-from utils.station.predictor import PartResult, Predictor, add_run_arguments
+from utils.station.onnx_model import OnnxPredictor
+from utils.station.predictor import PartResult, PartScorer, Predictor, add_run_arguments
 
 logger = logging.getLogger("predict")
 
@@ -89,10 +92,13 @@ class ResultWriter:
             writer.writeheader()
         writer.writerow(record)
         for path, text in ((csv_path, row.getvalue()), (self.out / "results.jsonl", json.dumps(record) + "\n")):
-            with path.open("a+b") as handle:  # one whole line per write: a crash loses at most the current part
-                if handle.tell() and (handle.seek(-1, 2), handle.read(1))[1] != b"\n":
-                    text = "\n" + text  # after a line cut by a crash
-                handle.write(text.encode())
+            try:
+                with path.open("a+b") as handle:  # one whole line per write: a crash loses at most the current part
+                    if handle.tell() and (handle.seek(-1, 2), handle.read(1))[1] != b"\n":
+                        text = "\n" + text  # after a line cut by a crash
+                    handle.write(text.encode())
+            except OSError as err:
+                raise WriteError(path, err) from err
         self.done.add(result.name)
 
     def _overlay(self, result: PartResult, image: Path) -> None:
@@ -104,22 +110,57 @@ class ResultWriter:
                    title)
 
 
-def ready(parts: dict[str, tuple[Path | None, Path | None]], sizes: dict[Path, int]) -> list[str]:
-    """Parts whose files kept their sizes since the last look (a file still being copied is left for later);
-    ``sizes`` is updated."""
+def signature(files: tuple[Path | None, ...]) -> dict[Path, tuple[int, int]] | None:
+    """(size, modification time) of each of a part's files; None when one has vanished since it was listed."""
+    current = {}
+    for path in files:
+        if path is not None:
+            try:
+                status = path.stat()
+            except FileNotFoundError:
+                return None
+            current[path] = (status.st_size, status.st_mtime_ns)
+    return current
+
+
+def ready(parts: dict[str, tuple[Path | None, Path | None]], seen: dict[Path, tuple[int, int]]) -> list[str]:
+    """Parts whose files kept their size and modification time since the last look (a file still being copied is
+    left for later, a file deleted since the listing is forgotten); ``seen`` is updated."""
     names = []
     for name, files in parts.items():
-        current = {p: p.stat().st_size for p in files if p is not None}
-        if all(sizes.get(p) == size for p, size in current.items()):
+        current = signature(files)
+        if current is None:
+            continue
+        if all(seen.get(p) == mark for p, mark in current.items()):
             names.append(name)
-        sizes.update(current)
+        seen.update(current)
     return names
+
+
+def score_part(predictor: PartScorer, name: str, image: Path | None, cloud: Path | None) -> PartResult:
+    """The predictor's result; an unexpected exception becomes the part's error too (a station keeps serving)."""
+    try:
+        return predictor(rgb=image, xyz=cloud, name=name)
+    except Exception as err:  # noqa: BLE001 - anything a part brings; its traceback goes to the log
+        logger.exception("%s: unexpected error", name)
+        return PartResult(name, error=f"{type(err).__name__}: {err}")
+
+
+def load_scorer(args: argparse.Namespace) -> PartScorer:
+    """The run of ``--checkpoint_folder`` in PyTorch, or the ``--onnx`` file in onnxruntime."""
+    if args.onnx is None:
+        return Predictor.load(args.checkpoint_folder, args.class_name, args.device, args.epochs_no, args.batch_size)
+    scorer = OnnxPredictor.load(args.onnx, args.device)
+    if args.class_name is not None and args.class_name != scorer.class_name:
+        raise InputError(f"{args.onnx} was exported for class {scorer.class_name!r}, not {args.class_name!r}")
+    return scorer
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_run_arguments(parser)
-    parser.add_argument("--class_name", required=True)
+    add_run_arguments(parser, required=False)
+    parser.add_argument("--onnx", type=Path, help="a file export.py wrote, instead of --checkpoint_folder")
+    parser.add_argument("--class_name", help="the run's class (with --onnx: the file's, checked when given)")
     parser.add_argument("--rgb", type=Path, help="an image file or a folder of images")
     parser.add_argument("--xyz", type=Path, help="a cloud file (.tiff) or a folder of clouds")
     parser.add_argument("--out", type=Path, help="folder for results.csv, results.jsonl and overlays/")
@@ -130,24 +171,36 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.rgb is None and args.xyz is None:
         parser.error("give --rgb and/or --xyz")
+    if (args.checkpoint_folder is None) == (args.onnx is None):
+        parser.error("give either --checkpoint_folder (with --class_name) or --onnx")
+    if args.onnx is not None and (args.epochs_no or args.batch_size):
+        parser.error("--epochs_no and --batch_size pick a run in a checkpoint folder; an --onnx file is one run")
+    if args.checkpoint_folder is not None and args.class_name is None:
+        parser.error("--checkpoint_folder needs --class_name")
     setup_logging()
     try:
-        predictor = Predictor.load(args.checkpoint_folder, args.class_name, args.device, args.epochs_no,
-                                   args.batch_size)
+        predictor = load_scorer(args)
         if predictor.threshold is None:
             logger.warning("no calibrated threshold for this run: scores without decisions (run calibrate.py)")
         writer = ResultWriter(args.out, (predictor.calibration or {}).get("map_scale"))
-        sizes: dict[Path, int] = {}
+        seen: dict[Path, tuple[int, int]] = {}
+        failed: dict[str, dict | None] = {}  # --watch: part → its files' signature when it failed
         scored = 0
         while True:
-            parts = {n: f for n, f in find_parts(args.rgb, args.xyz).items() if n not in writer.done}
+            parts = {n: f for n, f in find_parts(args.rgb, args.xyz).items()
+                     if n not in writer.done or (n in failed and signature(f) != failed[n])}
             if args.watch:  # a part whose cloud (or image) has not arrived yet waits for it
                 parts = {n: (image, cloud) for n, (image, cloud) in parts.items()
                          if (image is not None or not predictor.needs_rgb)
                          and (cloud is not None or not predictor.needs_xyz)}
-            for name in ready(parts, sizes) if args.watch else parts:
+            for name in ready(parts, seen) if args.watch else parts:
                 image, cloud = parts[name]
-                writer.write(predictor(rgb=image, xyz=cloud, name=name), image)
+                result = score_part(predictor, name, image, cloud)
+                writer.write(result, image)
+                failed.pop(name, None)
+                if result.error is not None and args.watch:
+                    # a file completed or replaced later (a slow copy that paused) is scored again
+                    failed[name] = signature((image, cloud))
                 scored += 1
                 if scored == args.max_parts:
                     return 0

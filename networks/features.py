@@ -44,7 +44,7 @@ from torch import nn
 from networks.efficientnet_lite import EfficientNetLiteConfig, EfficientNetLiteFeatures, build_efficientnet
 from networks.fpfh import FPFH_VERSION, FPFHConfig, FPFHExtractor
 from networks.geometry_images import (
-    GEOMETRY_IMAGES_VERSION, MIN_WINDOW_POINTS, GeometryImagesConfig, GeometryImagesExtractor,
+    GEOMETRY_IMAGES_VERSION, GeometryImagesConfig, GeometryImagesExtractor, check_enough_points,
 )
 from networks.point_mae import (
     DEFAULT_POINTMAE_WEIGHTS, POINTMAE_URL, BNMode, PointMAEConfig, PointMAEEncoder, WeightsError,
@@ -240,13 +240,26 @@ class GridParts:
         return self.features.shape[0] + (0 if self.points is None else self.points.channels)
 
     def pixel_map(self, img_size: int, grid_size: int, out: torch.Tensor | None = None) -> torch.Tensor:
-        """(G², C3): the features resized bilinearly to the G × G grid (as the RGB branch's), zero on the cells
-        without a point, then the point features' map where there are any; written into ``out`` when given."""
-        grid = F.interpolate(self.features[None], size=(grid_size, grid_size), mode="bilinear", align_corners=False)
-        result = grid[0].flatten(1).T * self.footprint[:, None].to(grid.dtype)
+        """(G², C3): the features on the G × G grid (:func:`grid_feature_maps`), then the point features' map where
+        there are any; written into ``out`` when given."""
+        result = grid_feature_maps(self.features[None], self.footprint[None], grid_size)[0]
         if self.points is not None:
             result = torch.cat((result, self.points.pixel_map(img_size, grid_size)), dim=1)
         return result if out is None else out.copy_(result)
+
+
+def grid_feature_maps(features: torch.Tensor, footprint: torch.Tensor, grid_size: int) -> torch.Tensor:
+    """Grid features (geometry images) as F3D rows: resized bilinearly to the G × G grid (as the RGB branch's), zero
+    on the cells without a point.
+
+    Args:
+        features: (B, C, h, w). footprint: (B, G²) bool (:func:`footprint_mask`).
+
+    Returns:
+        (B, G², C).
+    """
+    grid = F.interpolate(features, size=(grid_size, grid_size), mode="bilinear", align_corners=False)
+    return grid.flatten(2).transpose(1, 2) * footprint[..., None].to(grid.dtype)
 
 
 def parts_to_tensors(parts: XYZParts | PointParts | GridParts) -> dict[str, torch.Tensor]:
@@ -575,13 +588,17 @@ class MultimodalFeatures(nn.Module):
         if self.rgb_backbone is None:
             raise ValueError(f"no RGB backbone for modality {self.modality!r}")
         self._check_input(rgb, "rgb")
+        return list(self.rgb_grids(rgb.to(self.device)).unbind(0))
+
+    def rgb_grids(self, rgb: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) normalised images → (B, C2, h, w) float32 feature grids, batched (no checks: the
+        exported graph's path, :mod:`networks.graph`)."""
         if isinstance(self.rgb_backbone, (EfficientNetLiteFeatures, ResNetFeatures)):
-            return list(self.rgb_backbone(rgb.to(self.device)).float().unbind(0))
-        tokens = self.rgb_backbone.forward_features(rgb.to(self.device))  # patch embed, CLS, norm_pre, blocks, norm
+            return self.rgb_backbone(rgb).float()
+        tokens = self.rgb_backbone.forward_features(rgb)  # patch embed, CLS, norm_pre, blocks, norm
         tokens = tokens[:, self.rgb_backbone.num_prefix_tokens :]
         side = self.img_size // self.config.rgb.patch_size
-        grid = tokens.transpose(1, 2).reshape(rgb.shape[0], -1, side, side).float()
-        return list(grid.unbind(0))
+        return tokens.transpose(1, 2).reshape(rgb.shape[0], -1, side, side).float()
 
     @torch.no_grad()
     def extract_xyz_parts(self, organized_pc: torch.Tensor, valid: torch.Tensor | None = None
@@ -622,10 +639,7 @@ class MultimodalFeatures(nn.Module):
 
     def _geometry_image_parts(self, organized_pc: torch.Tensor, valid: torch.Tensor | None) -> list[GridParts]:
         valid = (organized_pc != 0).all(dim=1) if valid is None else valid.to(self.device).bool()
-        counts = valid.flatten(1).sum(dim=1)
-        if (counts < MIN_WINDOW_POINTS).any():
-            raise ValueError(f"point cloud has {int(counts.min())} valid points, fewer than the {MIN_WINDOW_POINTS} "
-                             "that a surface normal needs")
+        check_enough_points(valid)
         config = self.xyz_backbone.config
         fpfh = None
         if config.fpfh is not None:  # numpy work beside the CNN, as for the FPFH branch
@@ -649,10 +663,10 @@ class MultimodalFeatures(nn.Module):
 
     # --- maps: exact assembly ----------------------------------------------------------------------------------
 
-    def rgb_maps(self, parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    def rgb_maps(self, parts: Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor:
         """Bilinear (align_corners=False) or nearest resizing of the feature grids (the configuration's
-        ``rgb_upsampling``) → F2D (B, G², C2)."""
-        grid = torch.stack([p.to(self.device) for p in parts])
+        ``rgb_upsampling``; B grids (C2, h, w) or one (B, C2, h, w) tensor) → F2D (B, G², C2)."""
+        grid = parts if isinstance(parts, torch.Tensor) else torch.stack([p.to(self.device) for p in parts])
         size = (self.grid_size, self.grid_size)
         if self.config.rgb_upsampling == "nearest":
             upsampled = F.interpolate(grid, size=size, mode="nearest")

@@ -9,7 +9,9 @@ which an organised cloud already is. Per pixel of the (B, 3, S, S) cloud and its
   smallest-eigenvalue eigenvector of the covariance of the valid points in a ``window`` × ``window`` neighbourhood
   (``pca``; the points taken relative to the centre pixel's, so float32 loses nothing to the cloud's distance from
   the camera) or the cross product of central differences along the rows and columns (``central``; one-sided where
-  a neighbour is missing). Rendered as the image (n + 1) / 2 (three channels).
+  a neighbour is missing). A PCA window whose points lie on a line has no normal, and normals seen edge-on fade to
+  0 (:data:`LINE_RATIO`, :data:`GRAZING_COSINE`): both would otherwise be rounding noise, which another runtime
+  (onnxruntime, ``export.py``) resolves differently. Rendered as the image (n + 1) / 2 (three channels).
 * **curvature** — PCA's surface variation σ = λ₀ / (λ₀ + λ₁ + λ₂) ∈ [0, 1/3] on a log scale, as a grey image:
   log(σ / 10⁻⁴) / log((1/3) / 10⁻⁴), clipped to [0, 1] (smooth synthetic surfaces: σ ≈ 0.001 → 0.28; bumps and
   dents 0.003–0.006 → 0.42–0.50; cracks ≥ 0.04 → 0.74).
@@ -39,11 +41,18 @@ from networks.efficientnet_lite import EfficientNetLiteConfig, EfficientNetLiteF
 from networks.fpfh import FPFH_DIM, FPFHConfig
 
 # Bump when a change here alters feature values (it is in the feature cache's key of this branch).
-GEOMETRY_IMAGES_VERSION = 1
+GEOMETRY_IMAGES_VERSION = 2
 NORMAL_METHODS = ("pca", "central")
 IMAGES = ("normals", "curvature", "depth")
 # A PCA window needs this many valid points for a plane; fewer: no normal.
 MIN_WINDOW_POINTS = 3
+# A PCA window whose middle eigenvalue is at most this fraction of its largest holds points on a line (within the
+# closed-form solver's accuracy, about √ε of the largest): no plane, no normal. Its "normal" would be rounding noise
+# (any direction across the line), which a different runtime (onnxruntime) resolves differently.
+LINE_RATIO = 1e-2
+# Normals at most this cosine away from edge-on (within ≈ 3° of perpendicular to the line of sight) fade towards 0
+# (:func:`_towards_sensor`): which way such a normal faces is not defined by the view.
+GRAZING_COSINE = 0.05
 # The curvature image's log scale starts here: below it a surface is flat for any sensor we know of.
 CURVATURE_FLOOR = 1e-4
 
@@ -193,9 +202,16 @@ def window_covariance(points: torch.Tensor, valid: torch.Tensor, window: int) ->
 
 
 def _towards_sensor(normals: torch.Tensor, points: torch.Tensor, sensor: tuple[float, float, float]) -> torch.Tensor:
-    """Flip (B, 3, S, S) normals so that n · (sensor − p) ≥ 0."""
+    """Flip (B, 3, S, S) normals so that n · (sensor − p) ≥ 0, fading to 0 those seen edge-on.
+
+    n · clamp(cos / GRAZING_COSINE, −1, 1) with cos = n · v̂ (v̂ the unit direction to the sensor): the flip for
+    |cos| ≥ GRAZING_COSINE, and continuous through cos = 0, where the flip is undefined — n and −n give the same
+    result, so the rounding of another runtime cannot turn a silhouette's normal around.
+    """
     view = torch.tensor(sensor, dtype=points.dtype, device=points.device)[None, :, None, None] - points
-    return torch.where((normals * view).sum(dim=1, keepdim=True) < 0, -normals, normals)
+    distance = view.norm(dim=1, keepdim=True).clamp_min(torch.finfo(points.dtype).tiny)
+    cosine = (normals * view).sum(dim=1, keepdim=True) / distance
+    return normals * (cosine / GRAZING_COSINE).clamp(-1.0, 1.0)
 
 
 def _shifted(tensor: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
@@ -237,15 +253,17 @@ def estimate_normals(points: torch.Tensor, valid: torch.Tensor, config: Geometry
         cov, count = window_covariance(points, valid, config.window)
         eigenvalues = symmetric_eigenvalues(cov)
         enough = valid & (count >= MIN_WINDOW_POINTS)
+        planar = enough & (eigenvalues[..., 1] > LINE_RATIO * eigenvalues[..., 2])
         total = eigenvalues.sum(dim=-1)
         variation = eigenvalues[..., 0].clamp_min(0.0) / torch.where(total > 0, total, torch.ones_like(total))
         curvature = torch.where(enough & (total > 0), variation, 0.0)
     if config.normals == "pca":
         normals = smallest_eigenvector(cov, eigenvalues[..., 0]).permute(0, 3, 1, 2)
-        normals = torch.where(enough[:, None], normals, 0.0)
+        normals = torch.where(planar[:, None], normals, 0.0)
     else:
         normals = central_difference_normals(points, valid)
-    return _towards_sensor(normals, points, config.sensor), curvature
+    # invalid pixels may hold anything (inf): they must not reach the orientation's products
+    return _towards_sensor(normals, torch.where(valid[:, None], points, 0.0), config.sensor), curvature
 
 
 def depth_above_plane(points: torch.Tensor, valid: torch.Tensor, sensor: tuple[float, float, float]) -> torch.Tensor:
@@ -272,6 +290,14 @@ def depth_above_plane(points: torch.Tensor, valid: torch.Tensor, sensor: tuple[f
     high = torch.where(valid, height, -inf).amax(dim=(1, 2), keepdim=True)
     span = torch.where(high > low, high - low, torch.ones_like(high))
     return torch.where(valid, (height - low) / span, 0.0)
+
+
+def check_enough_points(valid: torch.Tensor) -> None:
+    """Raise ValueError when a (B, S, S) valid mask has a sample with fewer points than a surface normal needs."""
+    counts = valid.flatten(1).sum(dim=1)
+    if (counts < MIN_WINDOW_POINTS).any():
+        raise ValueError(f"point cloud has {int(counts.min())} valid points, fewer than the {MIN_WINDOW_POINTS} "
+                         "that a surface normal needs")
 
 
 def render_geometry_images(points: torch.Tensor, valid: torch.Tensor, config: GeometryImagesConfig

@@ -12,8 +12,8 @@ import torch
 from networks.efficientnet_lite import EfficientNetLiteConfig
 from networks.features import PRESETS, ExtractorConfig, GridParts, MultimodalFeatures
 from networks.geometry_images import (
-    GeometryImagesConfig, depth_above_plane, estimate_normals, render_geometry_images, smallest_eigenvector,
-    symmetric_eigenvalues, window_covariance,
+    GRAZING_COSINE, LINE_RATIO, GeometryImagesConfig, _towards_sensor, depth_above_plane, estimate_normals,
+    render_geometry_images, smallest_eigenvector, symmetric_eigenvalues, window_covariance,
 )
 
 PCA, CENTRAL = GeometryImagesConfig(normals="pca"), GeometryImagesConfig(normals="central")
@@ -116,6 +116,46 @@ def test_window_covariance_matches_a_plain_loop():
 
 
 # --- normals of analytic surfaces ----------------------------------------------------------------------------------
+
+
+def test_windows_of_points_on_a_line_get_no_normal():
+    """Collinear windows (λ1 ≤ LINE_RATIO · λ2) have no plane: normal 0. Their would-be normal is rounding noise,
+    which onnxruntime resolves differently from PyTorch (tests/test_export.py)."""
+    columns = torch.linspace(-0.01, 0.01, SIDE, dtype=torch.float64)
+    direction = torch.tensor([0.6, 0.3, 0.2], dtype=torch.float64)
+    line = (torch.tensor([0.0, 0.0, 0.5], dtype=torch.float64)[:, None, None]
+            + direction[:, None, None] * columns[None, None, :]).expand(3, SIDE, SIDE)[None].contiguous()
+    normals, _ = estimate_normals(line, all_valid(line), PCA)
+    assert torch.equal(normals, torch.zeros_like(normals))
+    # a thin strip of two point rows is a plane (λ1 / λ2 ≈ 0.3 in its windows): normals everywhere
+    strip = line.clone()
+    strip[0, 1, 1::2] += 0.0005
+    normals, _ = estimate_normals(strip, all_valid(strip), PCA)
+    eigenvalues = symmetric_eigenvalues(window_covariance(strip, all_valid(strip), 5)[0])
+    assert (eigenvalues[..., 1] > LINE_RATIO * eigenvalues[..., 2]).all()
+    np.testing.assert_allclose(normals.norm(dim=1).numpy(), 1.0, atol=1e-9)
+
+
+def test_orientation_towards_the_sensor_fades_edge_on_normals_continuously():
+    """A plain float64 loop: n · clip(cos / GRAZING_COSINE, −1, 1), cos = n · (s − p) / |s − p|; n and −n alike."""
+    generator = torch.Generator().manual_seed(3)
+    points = torch.rand(1, 3, 6, 7, generator=generator, dtype=torch.float64) + torch.tensor([0, 0, 0.5],
+                                                                                                dtype=torch.float64
+                                                                                                )[:, None, None]
+    normals = torch.nn.functional.normalize(torch.randn(1, 3, 6, 7, generator=generator, dtype=torch.float64), dim=1)
+    view = -points[0, :, 0, 0] / points[0, :, 0, 0].norm()  # pixel (0, 0): a normal edge-on to the view
+    edge_on = torch.linalg.cross(view, torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64))
+    normals[0, :, 0, 0] = edge_on / edge_on.norm() + 0.01 * view  # cos ≈ 0.01, inside the fading band
+    oriented = _towards_sensor(normals, points, (0.0, 0.0, 0.0))
+    assert torch.equal(oriented, _towards_sensor(-normals, points, (0.0, 0.0, 0.0)))
+    for r in range(6):
+        for c in range(7):
+            n, p = normals[0, :, r, c].numpy(), points[0, :, r, c].numpy()
+            cosine = float(n @ -p) / float(np.linalg.norm(p))
+            expected = n * min(max(cosine / GRAZING_COSINE, -1.0), 1.0)
+            np.testing.assert_allclose(oriented[0, :, r, c].numpy(), expected, rtol=0, atol=1e-12)
+    faded = oriented[0, :, 0, 0].norm()
+    assert 0.1 < faded < 0.3  # cos ≈ 0.01 / 0.05
 
 
 @pytest.mark.parametrize("config", [PCA, CENTRAL], ids=["pca", "central"])

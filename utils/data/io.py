@@ -6,6 +6,7 @@ normalisation live in :mod:`utils.data.transforms`.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import tempfile
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import tifffile
+import torch
 from PIL import Image, UnidentifiedImageError
 
 from networks.errors import InputError  # noqa: F401 - the data errors below derive from it; re-exported
@@ -102,6 +104,16 @@ def read_xyz(path: str | Path) -> np.ndarray:
 
 
 
+class WriteError(InputError, OSError):
+    """A file could not be written (a full disk, a read-only folder): names the file and the fix; whatever the
+    file held before is unchanged (every write goes through :func:`atomic_path` or appends whole lines)."""
+
+    def __init__(self, path: str | Path, error: BaseException) -> None:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        super().__init__(f"could not write {path} ({reason}): free space on its device, make its folder writable, or "
+                         f"write somewhere else; the previous {Path(path).name}, if there was one, is unchanged")
+
+
 def _plain_file_mode() -> int:
     """The permissions of a file created by ``open(path, "w")`` under the current umask."""
     umask = os.umask(0)
@@ -119,16 +131,33 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp.write_text(text)
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.fchmod(fd, _plain_file_mode())  # mkstemp makes 0600 files; give what open(path, "w") would
-    os.close(fd)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, _plain_file_mode())  # mkstemp makes 0600 files; give what open(path, "w") would
+        os.close(fd)
+    except OSError as err:
+        raise WriteError(path, err) from err
     tmp = Path(tmp_name)
     try:
         yield tmp
         os.replace(tmp, path)
+    except WriteError:
+        raise
+    except OSError as err:  # the write inside the block, or the rename
+        raise WriteError(path, err) from err
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def save_torch_atomic(path: str | Path, obj: object) -> None:
+    """``torch.save(obj)`` to ``path`` atomically. Serialised in memory first: torch's writer reports a full disk as a
+    RuntimeError without the path, a plain write as an OSError, which :func:`atomic_path` names
+    (:class:`WriteError`)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buffer.getbuffer())
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

@@ -18,7 +18,7 @@ from networks.detector import MODALITIES, Detector
 from networks.detectors import (
     DEFAULT_MODEL, build_detector, detector_class, detector_names, extractor_config, parse_model_options,
 )
-from networks.features import PRESETS, MultimodalFeatures, footprint_mask, foreground_mask
+from networks.features import PRESETS, MultimodalFeatures, footprint_mask
 from networks.memory_bank import MemoryBankDetector
 from utils.data.io import InputError
 from utils.data.mvtec3d import (
@@ -331,14 +331,18 @@ def dataset_fingerprint(dataset: MVTec3DDataset) -> str:
 
 
 def valid_mask(batch: Batch, f3d: torch.Tensor | None, extractor: MultimodalFeatures) -> torch.Tensor:
-    """(B, G²) valid pixels of the feature grid: F3D rows that are not all zero; for the 2D-only model the cloud's
-    foreground, or, when there is no cloud, the cells that show the image (not the padding that squares a non-square
-    image: the replicated edge rows are nothing to learn or to score)."""
+    """(B, G²) valid pixels of the feature grid: F3D rows that are not all zero; for the 2D-only model the
+    footprint of :func:`valid_pixels`."""
     if f3d is not None:
         return (f3d != 0).any(dim=-1)
-    grid = extractor.grid_size
+    return footprint_mask(valid_pixels(batch), extractor.grid_size).to(extractor.device)
+
+
+def valid_pixels(batch: Batch) -> torch.Tensor:
+    """(B, S, S) bool, the input pixels a 2D-only model scores: the cloud's points (the foreground) where the batch
+    has clouds, otherwise the pixels that show the image (not the padding that squares a non-square image: the
+    replicated edge rows are nothing to learn or to score)."""
     if batch.xyz is not None:
-        return foreground_mask(batch.xyz, grid).to(extractor.device)
+        return (batch.xyz != 0).all(dim=1)
     size = batch.rgb.shape[-1]
-    area = torch.stack([image_area(height, width, size) for height, width in batch.original_sizes])
-    return footprint_mask(area, grid).to(extractor.device)
+    return torch.stack([image_area(height, width, size) for height, width in batch.original_sizes])
