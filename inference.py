@@ -34,7 +34,8 @@ from tqdm import tqdm
 from networks.detectors import detector_class, detector_names
 from networks.fusion import FUSION_VARIANTS
 from utils.runs.checkpoints import (
-    CheckpointError, adopt_recorded_settings, load_modules, read_sidecar, select_run, sidecar_path, versions,
+    CheckpointError, adopt_recorded_settings, load_modules, read_sidecar, runs_in, select_run, sidecar_path,
+    versions,
 )
 from utils.runs.feature_cache import FeatureCache
 from utils.data.io import InputError, atomic_path, read_mask, write_text_atomic
@@ -135,10 +136,13 @@ def adopt_run_settings(args: argparse.Namespace) -> None:
     config = RunConfig.from_args(args)
     recorded: dict = {}
     source = None
-    for class_name in resolve_class_names(config.dataset_path, config.class_names):
+    class_names = resolve_class_names(config.dataset_path, config.class_names)
+    missing: list[CheckpointError] = []
+    for class_name in class_names:
         try:
             epochs, batch_size = select_run(config.run_dir, class_name, config.epochs_no, config.batch_size)
-        except CheckpointError:
+        except CheckpointError as err:
+            missing.append(err)
             continue  # evaluate_class reports it, with the training command
         sidecar = read_sidecar(config.run_dir, class_name, epochs, batch_size)
         if sidecar is None:
@@ -152,6 +156,11 @@ def adopt_run_settings(args: argparse.Namespace) -> None:
             raise CheckpointError(f"{source} and {path} were trained with different extractor settings "
                                   f"({recorded} vs {settings}): evaluate them in separate runs")
         recorded, source = settings, path
+    if len(missing) == len(class_names) and missing:  # no run at all: say so before any extractor is built
+        found = runs_in(config.checkpoint_dir, class_names[0])
+        beside = f"; {config.checkpoint_dir} holds: " + "; ".join(found) if found else ""
+        raise CheckpointError(f"{missing[0]} (--model {config.model} --modality {config.modality} --seed "
+                              f"{config.seed}){beside}")
     adopt_recorded_settings(args, recorded, source, defaults={"preset": DEFAULT_PRESET, "random_init": False,
                                                                "bn_mode": None},
                             paths=("rgb_weights", "pointmae_weights"))

@@ -25,7 +25,7 @@ from networks.fpfh import FPFHConfig
 from networks.geometry_images import GeometryImagesConfig
 from networks.fusion import box_filter
 from scans.build_dataset import ScanDataError
-from utils.data.io import atomic_path
+from utils.data.io import save_torch_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -100,8 +100,7 @@ def chunk_parts(extractor: MultimodalFeatures, chunks: np.ndarray, cache_dir: Pa
             raise ScanDataError(f"chunk {i}: {err}") from None
     parts = [part.to("cpu") for part in parts]
     if path is not None:
-        with atomic_path(path) as tmp:
-            torch.save([parts_to_tensors(p) for p in parts], tmp)
+        save_torch_atomic(path, [parts_to_tensors(p) for p in parts])
     return parts
 
 

@@ -23,7 +23,7 @@ from networks.cmdr import masked_cosine_loss
 from networks.features import PRESETS
 from scans.build_dataset import load
 from scans.model import build_decoder, build_extractor, chunk_parts
-from utils.data.io import InputError, atomic_path, write_text_atomic
+from utils.data.io import InputError, save_torch_atomic, write_text_atomic
 from utils.runs.checkpoints import versions
 from utils.runs.pipeline import resolve_device, seed_everything, setup_logging
 
@@ -93,8 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             losses.append(loss.item())
         mean_loss = sum(losses) / max(len(losses), 1)
         logger.info("epoch %d/%d: loss %.4f", epoch + 1, args.epochs_no, mean_loss)
-    with atomic_path(args.checkpoint) as tmp:
-        torch.save({k: v.detach().cpu() for k, v in decoder.state_dict().items()}, tmp)
+    save_torch_atomic(args.checkpoint, {k: v.detach().cpu() for k, v in decoder.state_dict().items()})
     sidecar = {"preset": args.preset, "chunk_size": data_config.chunk_size, "random_init": args.random_init,
                "feature_fingerprint": extractor.fingerprint("xyz"), "epochs_no": args.epochs_no,
                "batch_size": args.batch_size, "seed": args.seed, "optimizer": "AdamW lr 1e-3 wd 0.01",

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 
 from networks.m3dm import FeatureFusionBlock, uff_cosine_schedule, uff_training_pairs
-from utils.data.io import atomic_path
+from utils.data.io import save_torch_atomic
 from utils.data.mvtec3d import collate_samples
 from utils.runs.pipeline import RunConfig, add_feature_arguments, open_split, prepare_run, setup_logging
 
@@ -120,13 +120,11 @@ def train_uff(args: argparse.Namespace) -> Path:
                 optimizer.step()
                 optimizer.zero_grad()
         logger.info("epoch %d: mean loss %.4f", epoch + 1, sum(losses) / len(losses))
-        with atomic_path(resume) as path:
-            torch.save({"identity": identity, "model": block.state_dict(), "optimizer": optimizer.state_dict(),
-                        "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "epoch": epoch + 1},
-                       path)
+        save_torch_atomic(resume, {"identity": identity, "model": block.state_dict(),
+                                   "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
+                                   "torch_rng": torch.get_rng_state(), "epoch": epoch + 1})
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(args.out) as path:
-        torch.save({"model": block.state_dict(), "epoch": args.epochs, "identity": identity}, path)
+    save_torch_atomic(args.out, {"model": block.state_dict(), "epoch": args.epochs, "identity": identity})
     resume.unlink(missing_ok=True)
     digest = hashlib.sha256(args.out.read_bytes()).hexdigest()[:16]
     logger.info("UFF written to %s (sha256 %s): %s", args.out, digest, json.dumps(settings))

@@ -29,7 +29,7 @@ from torch import nn
 
 from networks.memory_bank import MemoryBank
 from networks.point_mae import load_state_dict_checked
-from utils.data.io import InputError, atomic_path, write_text_atomic
+from utils.data.io import InputError, save_torch_atomic, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +79,24 @@ def trained_runs(savepath: str | Path, class_name: str) -> list[tuple[int, int]]
     return sorted(runs)
 
 
+def runs_in(checkpoint_dir: str | Path, class_name: str) -> list[str]:
+    """What finished runs of ``class_name`` lie in ``checkpoint_dir`` (its own and its run folders'), described
+    from their sidecars: "cmdr rgbxyz seed 115, lite, 2 epochs, batch 1 (FOLDER)"."""
+    root = Path(checkpoint_dir)
+    found = []
+    for sidecar in sorted([*root.glob(f"{class_name}/*.json"), *root.glob(f"*/{class_name}/*.json")]):
+        if sidecar.name.endswith(".threshold.json"):
+            continue
+        try:
+            recorded = json.loads(sidecar.read_text())
+            found.append(f"{recorded['model']} {recorded['modality']} seed {recorded['seed']}, "
+                         f"{recorded.get('preset')}, {recorded['epochs_no']} epochs, batch {recorded['batch_size']} "
+                         f"({sidecar.parent.parent})")
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return found
+
+
 def select_run(savepath: str | Path, class_name: str, epochs: int | None, batch_size: int | None
                ) -> tuple[int, int]:
     """The (epochs, batch size) of the run to load: the given values, or the only run in the folder that fits.
@@ -110,8 +128,8 @@ def save_modules(modules: Mapping[str, nn.Module], savepath: str | Path, class_n
                  batch_size: int, sidecar: Mapping[str, Any]) -> None:
     """Write every module's state dict, then the sidecar, each atomically."""
     for name, module in modules.items():
-        with atomic_path(module_path(savepath, class_name, name, epochs, batch_size)) as tmp:
-            torch.save({k: v.detach().cpu() for k, v in module.state_dict().items()}, tmp)
+        save_torch_atomic(module_path(savepath, class_name, name, epochs, batch_size),
+                          {k: v.detach().cpu() for k, v in module.state_dict().items()})
     text = json.dumps(dict(sidecar), indent=2, sort_keys=True, default=str) + "\n"
     write_text_atomic(sidecar_path(savepath, class_name, epochs, batch_size), text)
 
@@ -205,8 +223,7 @@ def load_modules(modules: Mapping[str, nn.Module], savepath: str | Path, class_n
 
 
 def save_resume_state(path: Path, state: Mapping[str, Any]) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(dict(state), tmp)
+    save_torch_atomic(path, dict(state))
 
 
 def load_resume_state(path: Path) -> dict[str, Any] | None:

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from networks.features import (
     FEATURE_PIPELINE_VERSION, GridParts, MultimodalFeatures, PointParts, XYZParts, parts_from_tensors, parts_to_tensors,
 )
-from utils.data.io import DatasetError, atomic_path
+from utils.data.io import DatasetError, save_torch_atomic
 from utils.data.mvtec3d import Batch, MVTec3DDataset, SampleRecord, make_dataloader
 
 logger = logging.getLogger(__name__)
@@ -107,8 +107,7 @@ class FeatureCache:
             entry["tokens"] = parts.detach().cpu().contiguous()
         else:  # compact integer types, converted back on load: the round trip is exact
             entry.update(parts_to_tensors(parts))
-        with atomic_path(self.entry_path(branch, record)) as tmp:
-            torch.save(entry, tmp)
+        save_torch_atomic(self.entry_path(branch, record), entry)
 
     # --- features ----------------------------------------------------------------------------------------------
 

@@ -1,0 +1,445 @@
+"""A fault drill: what a station and a training run survive, on a small synthetic class with ``--preset lite``.
+
+    python scripts/fault_drill.py [--work DIR] [--size full|smallest] [--seed 0]
+
+Each fault is done for real — a watched folder fed bad and slow files, ``train.py`` killed with SIGKILL, two
+processes on one feature cache, writes onto a full device, checkpoints that belong to another run — and every
+result, checkpoint and cache file is read back afterwards. One Markdown row per fault: what was done, what the
+program did, whether anything already written was lost or corrupted, whether the next run recovered without
+manual steps. docs/fault_drill.md holds the table of this machine; tests/test_fault_drill.py runs the drill at
+``--size smallest``. Exit status 1 when a row fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tifffile
+import torch
+
+from networks.features import MultimodalFeatures
+from utils.data.mvtec3d import MVTec3DDataset, collate_samples
+from utils.data.synthetic import SyntheticConfig, generate_dataset
+from utils.logs import setup_logging
+from utils.runs.feature_cache import FeatureCache
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASS = "dome"
+
+
+@dataclass
+class Row:
+    """One fault: what was done, what the program did, lost / corrupted, recovered without manual steps."""
+
+    fault: str
+    done: str
+    behaviour: str
+    intact: bool
+    recovered: bool
+
+    def markdown(self) -> str:
+        return (f"| {self.fault} | {self.done} | {self.behaviour} | {'nothing' if self.intact else 'YES'} | "
+                f"{'yes' if self.recovered else 'NO'} |")
+
+
+@dataclass(frozen=True)
+class Size:
+    n_train: int
+    n_test: int
+    epochs: int
+    bulk: int  # parts dropped into the watched folder at once
+
+    @property
+    def train_args(self) -> list[str]:
+        return ["--class_name", CLASS, "--preset", "lite", "--epochs_no", str(self.epochs), "--device", "cpu"]
+
+
+SIZES = {"full": Size(n_train=8, n_test=12, epochs=6, bulk=200), "smallest": Size(4, 6, 4, 20)}
+
+
+def command(script: str, *args: str) -> list[str]:
+    return [sys.executable, str(ROOT / script), *args]
+
+
+def run(cmd: list[str], log: Path) -> int:
+    with log.open("a") as handle:
+        return subprocess.run(cmd, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT).returncode
+
+
+def module_files(run_dir: Path) -> dict[str, Path]:
+    return {p.name: p for p in sorted((run_dir / CLASS).glob("*.pth"))}
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    """Every module file of run ``a`` equals ``b``'s, tensor by tensor, bit for bit."""
+    files_a, files_b = module_files(a), module_files(b)
+    if not files_a or files_a.keys() != files_b.keys():
+        return False
+    for name in files_a:
+        sa, sb = (torch.load(files[name], weights_only=True) for files in (files_a, files_b))
+        if sa.keys() != sb.keys() or not all(torch.equal(sa[k], sb[k]) for k in sa):
+            return False
+    return True
+
+
+def phase(lines: list[str], epochs: int) -> str:
+    """Where a killed train.py was, from the lines it had logged."""
+    text = lines[-1] if lines else ""
+    if (match := re.search(r"epoch (\d+)/(\d+):", text)) is not None:
+        done = int(match[1])
+        return f"in epoch {done + 1}" if done < epochs else "writing the checkpoints"
+    if (match := re.search(r"resuming at epoch (\d+)", text)) is not None:
+        return f"in epoch {match[1]}"
+    if "checkpoints written" in text or "already trained" in text:
+        return "after it finished"
+    return "start-up / feature caching"
+
+
+# --- 1. the watched folder ---------------------------------------------------------------------------------------
+
+
+class Watcher:
+    """predict.py --watch on ``inbox``, results in ``out``."""
+
+    def __init__(self, work: Path, run_dir: Path) -> None:
+        self.inbox, self.out, self.log = work / "inbox", work / "watch_out", work / "watch.log"
+        for sub in ("rgb", "xyz"):
+            (self.inbox / sub).mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(
+            command("predict.py", "--checkpoint_folder", str(run_dir), "--class_name", CLASS, "--rgb",
+                    str(self.inbox / "rgb"), "--xyz", str(self.inbox / "xyz"), "--out", str(self.out), "--watch",
+                    "--poll_seconds", "0.3", "--device", "cpu"),
+            stdout=self.log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT)
+
+    def rows(self) -> list[dict]:
+        path = self.out / "results.jsonl"
+        lines = path.read_text().splitlines() if path.is_file() else []
+        return [json.loads(line) for line in lines if line.strip()]
+
+    def wait_for(self, condition: Callable[[list[dict]], bool], timeout: float = 120.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                return False
+            if condition(self.rows()):
+                return True
+            time.sleep(0.2)
+        return False
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self) -> int:
+        self.process.send_signal(signal.SIGINT)
+        return self.process.wait(timeout=60)
+
+
+def watcher_faults(work: Path, run_dir: Path, dataset: Path, size: Size, rng: random.Random) -> list[Row]:
+    test = sorted((dataset / CLASS / "test").glob("*/rgb/*.png"))
+    source = [(p, p.parent.parent / "xyz" / f"{p.stem}.tiff") for p in test]
+    watcher = Watcher(work, run_dir)
+    inbox, rows = watcher.inbox, []
+
+    def put(name: str, k: int, image: bool = True, cloud: bool = True) -> None:
+        if image:
+            shutil.copy(source[k % len(source)][0], inbox / "rgb" / f"{name}.png")
+        if cloud:
+            shutil.copy(source[k % len(source)][1], inbox / "xyz" / f"{name}.tiff")
+
+    def rows_of(name: str) -> list[dict]:
+        return [r for r in watcher.rows() if r["part"] == name]
+
+    def scored(name: str) -> Callable[[list[dict]], bool]:
+        return lambda rows: any(r["part"] == name and r["score"] is not None for r in rows)
+
+    def failed(name: str) -> Callable[[list[dict]], bool]:
+        return lambda rows: any(r["part"] == name and r["error"] for r in rows)
+
+    # a) an image written in pieces: half, a pause longer than a poll, the rest
+    data = source[0][0].read_bytes()
+    shutil.copy(source[0][1], inbox / "xyz" / "slow.tiff")
+    with (inbox / "rgb" / "slow.png").open("wb") as handle:
+        handle.write(data[: len(data) // 2])
+        handle.flush()
+        time.sleep(1.5)
+        handle.write(data[len(data) // 2 :])
+    ok = watcher.wait_for(scored("slow"))
+    errors = [r["error"] for r in rows_of("slow") if r["error"]]
+    rows.append(Row("watch: a file written in pieces", "half an image, 1.5 s pause, the rest",
+                    f"scored once when complete ({len(errors)} error row for the half file before)" if ok else
+                    "never scored", True, ok and sum(r["score"] is not None for r in rows_of("slow")) == 1))
+
+    # b) a truncated TIFF, c) a PNG that is not an image, e) a cloud of another size
+    put("truncated", 1, cloud=False)
+    cloud = source[1][1].read_bytes()
+    (inbox / "xyz" / "truncated.tiff").write_bytes(cloud[: len(cloud) // 3])
+    (inbox / "rgb" / "notimage.png").write_bytes(b"this is not a PNG")
+    put("notimage", 2, image=False)
+    put("othersize", 3, cloud=False)
+    tifffile.imwrite(inbox / "xyz" / "othersize.tiff", np.full((10, 12, 3), 0.5, dtype=np.float32))
+    for name, done, expect in (("truncated", "a cloud cut to a third", "truncated.tiff"),
+                               ("notimage", "a .png holding text", "notimage.png"),
+                               ("othersize", "a 12 × 10 cloud beside a full-size image", "differ in size")):
+        ok = watcher.wait_for(failed(name))
+        error = next((r["error"] for r in rows_of(name) if r["error"]), "")
+        named = expect in error and (expect in watcher.log.read_text() or name in watcher.log.read_text())
+        rows.append(Row(f"watch: {name}", done, f"error row: {error[:90]}" if ok else "no row",
+                        True, ok and named and watcher.alive()))
+
+    # d) an image whose cloud arrives 2 s later
+    put("late", 4, cloud=False)
+    time.sleep(2.0)
+    early = rows_of("late")
+    put("late", 4, image=False)
+    ok = watcher.wait_for(scored("late"))
+    rows.append(Row("watch: cloud 2 s after its image", "image, 2 s, then the cloud",
+                    "waited, then scored once" if ok and not early else f"rows before the cloud: {early}", True,
+                    ok and not early and len(rows_of("late")) == 1))
+
+    # f) files deleted between listing and reading: parts appear and vanish at random moments for 3 s
+    start, churned = time.monotonic(), 0
+    while time.monotonic() - start < 3.0:
+        put(f"ghost{churned}", churned)
+        time.sleep(rng.uniform(0.0, 0.4))
+        for sub, suffix in (("rgb", "png"), ("xyz", "tiff")):
+            (inbox / sub / f"ghost{churned}.{suffix}").unlink(missing_ok=True)
+        churned += 1
+    time.sleep(1.0)
+    ghost_rows = [r for r in watcher.rows() if r["part"].startswith("ghost")]
+    rows.append(Row("watch: files deleted while listed", f"{churned} parts created and deleted 0–0.4 s later",
+                    f"kept running; {len(ghost_rows)} of them scored or named before they vanished",
+                    True, watcher.alive()))
+
+    # g) many parts at once
+    names = [f"bulk{k:03d}" for k in range(size.bulk)]
+    for k, name in enumerate(names):
+        put(name, k)
+    ok = watcher.wait_for(lambda rows: {r["part"] for r in rows} >= set(names), timeout=30 + size.bulk)
+    counts = {name: len(rows_of(name)) for name in names}
+    rows.append(Row("watch: many parts at once", f"{size.bulk} parts copied in one go",
+                    f"all scored, each exactly once ({sum(counts.values())} rows)" if ok else "not all scored",
+                    True, ok and set(counts.values()) == {1} and all(r["score"] is not None
+                                                                   for r in watcher.rows() if r["part"] in counts)))
+
+    status = watcher.stop()
+    log = watcher.log.read_text()
+    whole = all(line.strip() and json.loads(line) for line in (watcher.out / "results.jsonl").read_text().splitlines())
+    rows.append(Row("watch: Ctrl-C and the results", "SIGINT after the drill; results.jsonl read back",
+                    f"exit {status}, no traceback" if "Traceback" not in log else "a traceback in the log",
+                    whole, status == 0 and "Traceback" not in log))
+    return rows
+
+
+# --- 2. train.py killed ----------------------------------------------------------------------------------------------
+
+
+def kill_faults(work: Path, dataset: Path, size: Size, rng: random.Random, reference: Path,
+                duration: float) -> list[Row]:
+    """SIGKILL train.py 5 times at random moments of its run (``duration``: an uninterrupted run's seconds), resume
+    each time; the final weights against ``reference``'s."""
+    savepath, cache = work / "killed", work / "killed_cache"
+    args = ["--dataset_path", str(dataset), *size.train_args, "--cache_dir", str(cache), "--checkpoint_savepath",
+            str(savepath), "--resume"]
+    phases = []
+    for attempt in range(5):
+        log = work / f"killed{attempt}.log"
+        process = subprocess.Popen(command("train.py", *args), stdout=log.open("w"), stderr=subprocess.STDOUT,
+                                   cwd=ROOT)
+        time.sleep(rng.uniform(0.35, 1.0) * duration)  # past the imports, anywhere in the work
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            phases.append(phase([line for line in log.read_text().splitlines() if line.strip()], size.epochs))
+        else:
+            phases.append("after it finished")
+    log = work / "killed_final.log"
+    status = run(command("train.py", *args), log)
+    equal = status == 0 and same_weights(savepath, reference)
+    return [Row("train.py killed 5 ×", f"SIGKILL at random moments ({', '.join(phases)}), then --resume",
+                f"resumed each time; final weights {'equal' if equal else 'DIFFER from'} an uninterrupted run's, "
+                "bit for bit", equal, equal)]
+
+
+# --- 3. one cache, two processes --------------------------------------------------------------------------------
+
+
+def shared_cache_fault(work: Path, dataset: Path, size: Size) -> list[Row]:
+    cache = work / "shared_cache"
+    logs = [work / f"shared{k}.log" for k in range(2)]
+    processes = [subprocess.Popen(command("train.py", "--dataset_path", str(dataset), *size.train_args,
+                                          "--cache_dir", str(cache), "--checkpoint_savepath", str(work / f"shared{k}")),
+                                  stdout=logs[k].open("w"), stderr=subprocess.STDOUT, cwd=ROOT) for k in range(2)]
+    statuses = [p.wait() for p in processes]
+    # every entry whole: read back and compared with a fresh computation
+    extractor = MultimodalFeatures("lite", device="cpu")
+    cached, fresh = FeatureCache(extractor, cache), FeatureCache(extractor, None)
+    dataset_split = MVTec3DDataset(dataset, CLASS, "train", extractor.img_size,
+                                   normalization=extractor.config.normalization)
+    entries = sorted(cache.rglob("*.pt"))
+    agree = bool(entries)
+    for index in range(len(dataset_split)):
+        batch = collate_samples([dataset_split[index]])
+        for branch in ("rgb", "xyz"):
+            a, b = cached.parts(branch, batch)[0], fresh.parts(branch, batch)[0]
+            ta = a if isinstance(a, torch.Tensor) else a.features
+            tb = b if isinstance(b, torch.Tensor) else b.features
+            agree &= torch.equal(ta, tb)
+    agree &= cached.misses == 0  # nothing had to be recomputed: no entry was cut or unreadable
+    same = same_weights(work / "shared0", work / "shared1")
+    return [Row("two train.py on one --cache_dir", "both started at once on the same class and cache",
+                f"exit {statuses}; {len(entries)} entries, each equal to a fresh computation"
+                f"{'' if agree else ' — NOT'}; both runs' weights {'equal' if same else 'differ'}",
+                agree, statuses == [0, 0] and agree and same)]
+
+
+# --- 4. writes that fail ----------------------------------------------------------------------------------------------
+
+
+def full_device(path: Path, megabytes: int) -> bool:
+    """Mount a small tmpfs at ``path`` (root on Linux); False where that is not allowed."""
+    path.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={megabytes}m", "tmpfs", str(path)],
+                          capture_output=True).returncode == 0
+
+
+def fill(path: Path) -> None:
+    """Fill the device of ``path`` to the last byte (one file, ``filler``)."""
+    with (path / "filler").open("wb", buffering=0) as handle:
+        for chunk in (65536, 4096, 1):
+            try:
+                while True:
+                    handle.write(b"\0" * chunk)
+            except OSError:
+                pass
+
+
+def write_faults(work: Path, run_dir: Path, dataset: Path, size: Size) -> list[Row]:
+    device = work / "full_device"
+    if not full_device(device, 24):
+        return [Row("writes on a full device", "mount a small tmpfs", "skipped: mounting needs root on Linux",
+                    True, True)]
+    rows = []
+    try:
+        # a) results: an earlier session's lines, then a full device
+        out, log = device / "results", work / "full_predict.log"
+        images = dataset / CLASS / "test" / "good" / "rgb"
+        clouds = dataset / CLASS / "test" / "good" / "xyz"
+        first = sorted(images.glob("*.png"))[:1]
+        run(command("predict.py", "--checkpoint_folder", str(run_dir), "--class_name", CLASS, "--rgb",
+                    str(first[0]), "--xyz", str(clouds / f"{first[0].stem}.tiff"), "--out", str(out)), log)
+        before = (out / "results.jsonl").read_bytes()
+        fill(device)
+        status = run(command("predict.py", "--checkpoint_folder", str(run_dir), "--class_name", CLASS, "--rgb",
+                             str(images), "--xyz", str(clouds), "--out", str(out)), log)
+        text = log.read_text()
+        named = "could not write" in text and str(out) in text and "Traceback" not in text
+        intact = (out / "results.jsonl").read_bytes().startswith(before)
+        (device / "filler").unlink()
+        again = run(command("predict.py", "--checkpoint_folder", str(run_dir), "--class_name", CLASS, "--rgb",
+                            str(images), "--xyz", str(clouds), "--out", str(out)), log)
+        lines = (out / "results.jsonl").read_text().splitlines()
+        rows.append(Row("predict.py results on a full device", "a device filled to the last byte, then freed",
+                        f"exit {status}: '{_error_line(text)}'", intact,
+                        named and intact and again == 0 and len(lines) == len(set(lines))))
+        shutil.rmtree(out)
+
+        # b) checkpoints: a finished run on the device, retrained onto a full device
+        savepath, log = device / "ckpt", work / "full_train.log"
+        shutil.copytree(run_dir, savepath)
+        before = {p.name: p.read_bytes() for p in (savepath / CLASS).iterdir()}
+        fill(device)
+        status = run(command("train.py", "--dataset_path", str(dataset), *size.train_args, "--cache_dir",
+                             str(work / "full_cache"), "--checkpoint_savepath", str(savepath)), log)
+        text = log.read_text()
+        after = {p.name: p.read_bytes() for p in (savepath / CLASS).iterdir()}
+        intact = after == before
+        rows.append(Row("train.py checkpoints on a full device", "retraining a finished run onto a full device",
+                        f"exit {status}: '{_error_line(text)}'", intact,
+                        status != 0 and intact and "could not write" in text and "Traceback" not in text))
+    finally:
+        subprocess.run(["umount", str(device)], capture_output=True)
+    return rows
+
+
+def _error_line(log: str) -> str:
+    line = next((line for line in reversed(log.splitlines()) if "ERROR" in line), "no error logged")
+    return line.split("ERROR", 1)[-1].strip(" :")[:140]
+
+
+# --- 5. checkpoints that belong to another run ------------------------------------------------------------------------
+
+
+def checkpoint_faults(work: Path, run_dir: Path, dataset: Path, size: Size) -> list[Row]:
+    rows = []
+    common = ["--dataset_path", str(dataset), "--class_names", CLASS, "--device", "cpu", "--cache_dir",
+              str(work / "inference_cache"), "--results_dir", str(work / "results"), "--epochs_no", str(size.epochs)]
+    cases = [
+        ("another method", ["--model", "cfm", "--checkpoint_folder", str(run_dir)], run_dir),
+        ("another preset", ["--preset", "lite_fpfh", "--checkpoint_folder", str(run_dir)], run_dir),
+        ("another seed", ["--seed", "1", "--checkpoint_folder", str(run_dir)], run_dir),
+    ]
+    truncated = work / "truncated_run"
+    shutil.copytree(run_dir, truncated, dirs_exist_ok=True)
+    victim = next(iter(module_files(truncated).values()))
+    victim.write_bytes(victim.read_bytes()[:1000])
+    cases.append(("a truncated checkpoint file", ["--checkpoint_folder", str(truncated)], truncated))
+    for name, args, folder in cases:
+        before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+        log = work / f"wrong_{name.replace(' ', '_')}.log"
+        status = run(command("inference.py", *common, *args), log)
+        text = log.read_text()
+        after = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+        message = _error_line(text)
+        rows.append(Row(f"checkpoint of {name}", f"inference.py {' '.join(args[:2])}", f"exit {status}: '{message}'",
+                        after == before, status != 0 and "Traceback" not in text and message != "no error logged"))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, default=Path("data/fault_drill"), help="scratch folder (emptied)")
+    parser.add_argument("--size", choices=sorted(SIZES), default="full")
+    parser.add_argument("--seed", type=int, default=0, help="the random moments of the kills and deletions")
+    args = parser.parse_args(argv)
+    os.environ["TQDM_DISABLE"] = "1"  # here and in every command the drill starts: the table is the output
+    setup_logging()
+    size, rng = SIZES[args.size], random.Random(args.seed)
+    if args.work.exists():
+        shutil.rmtree(args.work)
+    work = args.work.resolve()
+    dataset = generate_dataset(work / "data", SyntheticConfig(classes=(CLASS,), n_train=size.n_train, n_val=2,
+                                                              n_test=size.n_test, size=(64, 80),
+                                                              background="none"))
+    reference, start = work / "reference", time.monotonic()
+    if run(command("train.py", "--dataset_path", str(dataset), *size.train_args, "--cache_dir",
+                   str(work / "reference_cache"), "--checkpoint_savepath", str(reference)), work / "reference.log"):
+        print(f"the reference run failed: {work / 'reference.log'}")
+        return 1
+    duration = time.monotonic() - start
+    rows = [*watcher_faults(work, reference, dataset, size, rng),
+            *kill_faults(work, dataset, size, rng, reference, duration),
+            *shared_cache_fault(work, dataset, size), *write_faults(work, reference, dataset, size),
+            *checkpoint_faults(work, reference, dataset, size)]
+    print("| fault | what was done | what the program did | lost or corrupted | recovered without manual steps |")
+    print("|---|---|---|---|---|")
+    for row in rows:
+        print(row.markdown())
+    (work / "drill.json").write_text(json.dumps([row.__dict__ for row in rows], indent=2) + "\n")
+    return 0 if all(row.intact and row.recovered for row in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
