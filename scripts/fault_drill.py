@@ -189,7 +189,7 @@ def watcher_faults(work: Path, run_dir: Path, dataset: Path, size: Size, rng: ra
     (inbox / "rgb" / "notimage.png").write_bytes(b"this is not a PNG")
     put("notimage", 2, image=False)
     put("othersize", 3, cloud=False)
-    tifffile.imwrite(inbox / "xyz" / "othersize.tiff", np.full((10, 12, 3), 0.5, dtype=np.float32))
+    tifffile.imwrite(inbox / "xyz" / "othersize.tiff", np.full((10, 12, 3), 0.5, dtype=np.float32), photometric="rgb")
     for name, done, expect in (("truncated", "a cloud cut to a third", "truncated.tiff"),
                                ("notimage", "a .png holding text", "notimage.png"),
                                ("othersize", "a 12 × 10 cloud beside a full-size image", "differ in size")):
