@@ -56,6 +56,11 @@ def export_problem(extractor: MultimodalFeatures, model: Detector) -> str | None
     return None
 
 
+def _is_plain(layer: nn.ConvTranspose2d) -> bool:
+    """Whether a transposed convolution has a plain equal: stride 1, no dilation, output padding or groups."""
+    return layer.stride == (1, 1) and layer.dilation == (1, 1) and layer.output_padding == (0, 0) and layer.groups == 1
+
+
 def as_convolution(layer: nn.ConvTranspose2d) -> nn.Conv2d:
     """The plain convolution equal to a stride-1 transposed one: the kernel flipped in space with its in / out
     channels swapped, padding k − 1 − p.
@@ -63,7 +68,7 @@ def as_convolution(layer: nn.ConvTranspose2d) -> nn.Conv2d:
     Raises:
         ValueError: a stride, dilation, output padding or groups other than 1 / 0 (no such plain convolution).
     """
-    if layer.stride != (1, 1) or layer.dilation != (1, 1) or layer.output_padding != (0, 0) or layer.groups != 1:
+    if not _is_plain(layer):
         raise ValueError("only a stride-1, undilated, ungrouped transposed convolution is a plain convolution")
     padding = tuple(k - 1 - p for k, p in zip(layer.kernel_size, layer.padding))
     conv = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, padding=padding,
@@ -78,8 +83,7 @@ def as_convolution(layer: nn.ConvTranspose2d) -> nn.Conv2d:
 def _convolutions_for_transposed(module: nn.Module) -> None:
     """Replace every stride-1 ``ConvTranspose2d`` under ``module`` (in place) by :func:`as_convolution`."""
     for name, child in module.named_children():
-        if isinstance(child, nn.ConvTranspose2d) and child.stride == (1, 1) and child.dilation == (1, 1) \
-                and child.output_padding == (0, 0) and child.groups == 1:
+        if isinstance(child, nn.ConvTranspose2d) and _is_plain(child):
             setattr(module, name, as_convolution(child))
         else:
             _convolutions_for_transposed(child)

@@ -84,16 +84,15 @@ def runs_in(checkpoint_dir: str | Path, class_name: str) -> list[str]:
     from their sidecars: "cmdr rgbxyz seed 115, lite, 2 epochs, batch 1 (FOLDER)"."""
     root = Path(checkpoint_dir)
     found = []
-    for sidecar in sorted([*root.glob(f"{class_name}/*.json"), *root.glob(f"*/{class_name}/*.json")]):
-        if sidecar.name.endswith(".threshold.json"):
-            continue
-        try:
-            recorded = json.loads(sidecar.read_text())
-            found.append(f"{recorded['model']} {recorded['modality']} seed {recorded['seed']}, "
-                         f"{recorded.get('preset')}, {recorded['epochs_no']} epochs, batch {recorded['batch_size']} "
-                         f"({sidecar.parent.parent})")
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
+    for folder in [root, *sorted(p for p in root.iterdir() if p.is_dir())] if root.is_dir() else []:
+        for epochs, batch_size in trained_runs(folder, class_name):
+            try:
+                recorded = read_sidecar(folder, class_name, epochs, batch_size)
+            except CheckpointError:
+                continue
+            if recorded is not None and {"model", "modality", "seed"} <= recorded.keys():
+                found.append(f"{recorded['model']} {recorded['modality']} seed {recorded['seed']}, "
+                             f"{recorded.get('preset')}, {epochs} epochs, batch {batch_size} ({folder})")
     return found
 
 
