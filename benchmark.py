@@ -58,6 +58,7 @@ from networks.detectors import build_detector, detector_class, extractor_config,
 from networks.features import PRESETS, MultimodalFeatures
 from networks.memory_bank import MemoryBankDetector
 from train import make_optimizers, optimisation_step
+from utils.runs.training_set import TrainingSet, index_loader
 from utils.runs.checkpoints import save_resume_state
 from utils.runs.feature_cache import FeatureCache
 from utils.data.io import write_text_atomic
@@ -204,13 +205,12 @@ def epoch_seconds(extractor: MultimodalFeatures, model: Detector, dataset: MVTec
                   snapshot_to: Path | None = None) -> tuple[float, float | None]:
     """Seconds of one training epoch (batch size 1), and of writing the resume state after it (modules and Adam
     moments, as train.py does) to ``snapshot_to``; with a cache directory the cache is filled beforehand."""
-    cache = FeatureCache(extractor, cache_dir)
-    cache.precompute(dataset)
+    training_set = TrainingSet(FeatureCache(extractor, cache_dir), dataset)
     model.train()
     optimizers = make_optimizers(model)
     start = _clock(extractor.device)
-    for batch in make_dataloader(dataset, 1, shuffle=True):
-        optimisation_step(model, optimizers, cache, batch)
+    for indices in index_loader(len(training_set), 1, shuffle=True):
+        optimisation_step(model, optimizers, *training_set.features(indices))
     epoch = _clock(extractor.device) - start
     if snapshot_to is None:
         return epoch, None

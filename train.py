@@ -44,7 +44,8 @@ from utils.runs.checkpoints import (
 )
 from utils.runs.feature_cache import FeatureCache
 from utils.data.io import InputError
-from utils.data.mvtec3d import Batch, MVTec3DDataset, make_dataloader
+from utils.data.mvtec3d import MVTec3DDataset, make_dataloader
+from utils.runs.training_set import TrainingSet, index_loader
 from utils.runs.pipeline import (
     RunConfig, add_run_arguments, autocast, open_split, parse_run_args, prepare_run, run_identity,
     seed_everything, setup_logging, valid_mask,
@@ -55,15 +56,15 @@ logger = logging.getLogger("train")
 INTERRUPTED_EXIT = 130  # the shell's exit status for Ctrl-C
 
 
-def optimisation_step(model: Detector, optimizers: dict[str, torch.optim.Optimizer], cache: FeatureCache,
-                      batch: Batch, amp: bool = False) -> dict[str, float | None]:
-    """One step of every optimiser group on ``batch``; returns each loss (None: its group's step was skipped
-    because one of the group's losses was not finite). ``amp``: the forward pass under bf16 autocast (the weights,
-    gradients and optimiser states stay fp32; bf16 has fp32's range, so no loss scaling)."""
-    f2d, f3d = cache.features(batch)
-    with autocast(cache.extractor.device, amp):
-        losses = {name: loss.float() for name, loss in
-                  model.losses(f2d, f3d, valid_mask(batch, f3d, cache.extractor)).items()}
+def optimisation_step(model: Detector, optimizers: dict[str, torch.optim.Optimizer], f2d: torch.Tensor | None,
+                      f3d: torch.Tensor | None, mask: torch.Tensor, amp: bool = False) -> dict[str, float | None]:
+    """One step of every optimiser group on a batch's features (F2D, F3D, valid mask: :class:`TrainingSet`);
+    returns each loss (None: its group's step was skipped because one of the group's losses was not finite).
+    ``amp``: the forward pass under bf16 autocast (the weights, gradients and optimiser states stay fp32; bf16 has
+    fp32's range, so no loss scaling)."""
+    device = (f2d if f2d is not None else f3d).device
+    with autocast(device, amp):
+        losses = {name: loss.float() for name, loss in model.losses(f2d, f3d, mask).items()}
     # The step's one host synchronisation: every loss value at once (they decide which groups step, and are logged)
     values = dict(zip(losses, torch.stack([loss.detach() for loss in losses.values()]).tolist()))
     stepping = {name: group.losses or tuple(losses) for name, group in model.optimizer_groups().items()
@@ -79,10 +80,14 @@ def optimisation_step(model: Detector, optimizers: dict[str, torch.optim.Optimiz
 
 
 def make_optimizers(model: Detector) -> dict[str, torch.optim.Optimizer]:
-    """One Adam per optimiser group of the method (CMDR-IAD: per module, lr 1e-3, betas 0.9/0.999)."""
+    """One Adam per optimiser group of the method (CMDR-IAD: per module, lr 1e-3, betas 0.9/0.999); PyTorch's
+    fused implementation on CPU and CUDA (one kernel for all parameters: lite's four steps took 4.3 ms, now 0.8)."""
     modules = model.trainable()
-    return {name: torch.optim.Adam([p for m in group.modules for p in modules[m].parameters()], lr=group.lr,
-                                   betas=group.betas, weight_decay=group.weight_decay)
+    groups = {name: [p for m in group.modules for p in modules[m].parameters()]
+              for name, group in model.optimizer_groups().items()}
+    fused = all(p.device.type in ("cpu", "cuda") for parameters in groups.values() for p in parameters)
+    return {name: torch.optim.Adam(groups[name], lr=group.lr, betas=group.betas, weight_decay=group.weight_decay,
+                                   fused=fused)
             for name, group in model.optimizer_groups().items()}
 
 
@@ -182,7 +187,10 @@ def train_class(class_name: str, config: RunConfig, cache: FeatureCache, resume:
         logger.info("%s: already trained (%s), skipped", class_name, sidecar_path(*args))
         return None
 
-    cache.precompute(dataset, config.batch_size)  # features once, before the epochs
+    if isinstance(probe, MemoryBankDetector):
+        cache.precompute(dataset, config.batch_size)  # features once: the fit reads them in its one pass
+    else:
+        training_set = TrainingSet(cache, dataset, config.batch_size)  # features once, held for the epochs
     seed_everything(config.seed)
     model = config.build_detector(extractor).train()
     if config.activation_checkpointing and not set_activation_checkpointing(model, True):
@@ -191,7 +199,7 @@ def train_class(class_name: str, config: RunConfig, cache: FeatureCache, resume:
     if isinstance(model, MemoryBankDetector):
         outcome = {"fit": fit_memory_bank(model, class_name, config, cache, dataset)}
     else:
-        outcome = {"final_losses": train_epochs(model, class_name, config, cache, dataset, identity, resume)}
+        outcome = {"final_losses": train_epochs(model, class_name, config, training_set, identity, resume)}
 
     sidecar = {
         **identity,
@@ -230,8 +238,8 @@ def fit_memory_bank(model: MemoryBankDetector, class_name: str, config: RunConfi
     return statistics
 
 
-def train_epochs(model: Detector, class_name: str, config: RunConfig, cache: FeatureCache, dataset: MVTec3DDataset,
-                 identity: dict, resume: bool) -> dict[str, float]:
+def train_epochs(model: Detector, class_name: str, config: RunConfig, training_set: TrainingSet, identity: dict,
+                 resume: bool) -> dict[str, float]:
     """The epochs of a gradient-trained method, resumable; returns the last epoch's mean losses.
 
     Raises:
@@ -239,8 +247,7 @@ def train_epochs(model: Detector, class_name: str, config: RunConfig, cache: Fea
     """
     args = (config.run_dir, class_name, config.epochs_no, config.batch_size)
     optimizers = make_optimizers(model)
-    loader = make_dataloader(dataset, config.batch_size, shuffle=True, seed=config.seed,
-                             num_workers=config.num_workers)
+    loader = index_loader(len(training_set), config.batch_size, shuffle=True, seed=config.seed)
     state_path = resume_path(*args)
     state = load_resume_state(state_path) if resume else None
     position = TrainingPosition(0, 0, loader.generator.get_state())
@@ -286,8 +293,8 @@ def train_epochs(model: Detector, class_name: str, config: RunConfig, cache: Fea
                     next(batches)
                 progress = tqdm(batches, desc=f"{class_name} epoch {epoch + 1}/{config.epochs_no}", unit="batch",
                                 leave=False, initial=position.step, total=len(loader))
-                for batch in progress:
-                    losses = optimisation_step(model, optimizers, cache, batch, config.amp)
+                for indices in progress:
+                    losses = optimisation_step(model, optimizers, *training_set.features(indices), config.amp)
                     for name, loss in losses.items():
                         if loss is None:
                             skipped[name] += 1

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from networks.detector import Detector, feature_distance, masked_cosine_loss, register_detector
+from networks.detector import Detector, PixelwiseMixin, register_detector
 from networks.features import ExtractorConfig
 from networks.fusion import final_smoothing
 
@@ -34,7 +34,7 @@ class CFMMLP(nn.Module):
 
 
 @register_detector
-class CFM(Detector):
+class CFM(PixelwiseMixin, Detector):
     """``cfm``: the 2D→3D and 3D→2D mapping MLPs (768 ↔ 1152, hidden 960 at paper size)."""
 
     name = "cfm"
@@ -47,14 +47,14 @@ class CFM(Detector):
 
     def losses(self, f2d: torch.Tensor, f3d: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """1 − mean cosine over valid pixels, per direction (summed by the one optimiser)."""
-        return {"map2Dto3D": masked_cosine_loss(self.map2Dto3D(f2d), f3d, mask),
-                "map3Dto2D": masked_cosine_loss(self.map3Dto2D(f3d), f2d, mask)}
+        return {"map2Dto3D": self.pixelwise_loss(self.map2Dto3D, f2d, f3d, mask),
+                "map3Dto2D": self.pixelwise_loss(self.map3Dto2D, f3d, f2d, mask)}
 
     def distance_maps(self, f2d: torch.Tensor, f3d: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """d3 = ‖n(M2D→3D(F2D)) − n(F3D)‖ and d2 = ‖n(M3D→2D(F3D)) − n(F2D)‖, (B, G, G), zero where invalid."""
         size = self.config.grid_size
-        return {"d3": feature_distance(self.map2Dto3D(f2d), f3d, mask).reshape(-1, size, size),
-                "d2": feature_distance(self.map3Dto2D(f3d), f2d, mask).reshape(-1, size, size)}
+        return {"d3": self.pixelwise_distance(self.map2Dto3D, f2d, f3d, mask).reshape(-1, size, size),
+                "d2": self.pixelwise_distance(self.map3Dto2D, f3d, f2d, mask).reshape(-1, size, size)}
 
     def fuse(self, maps: dict[str, torch.Tensor], valid: torch.Tensor, variant: str = "full") -> torch.Tensor:
         """Ψ = smoothing(mask · d2 · d3)."""

@@ -13,7 +13,7 @@ from torch import nn
 
 from networks.decoders import Decoder2D, Decoder3D
 from networks.detector import (
-    MODALITIES, Detector, OptimizerGroup, feature_distance, masked_cosine_loss, register_detector,
+    MODALITIES, Detector, OptimizerGroup, PixelwiseMixin, feature_distance, masked_cosine_loss, register_detector,
 )
 from networks.features import ExtractorConfig
 from networks.fusion import FUSION_VARIANTS, fuse, single_modality_map
@@ -23,6 +23,8 @@ MODULE_NAMES = ("map2Dto3D", "map3Dto2D", "Dec2D", "Dec3D")
 MODULES_OF_MODALITY = {"rgbxyz": MODULE_NAMES, "rgb": ("Dec2D",), "xyz": ("Dec3D",)}
 # Which features each module reads and which it predicts.
 _INPUT_AND_TARGET = {"map2Dto3D": ("2d", "3d"), "map3Dto2D": ("3d", "2d"), "Dec2D": ("2d", "2d"), "Dec3D": ("3d", "3d")}
+# The modules whose output at a pixel depends on that pixel's features alone (run on the valid pixels only).
+PIXELWISE_MODULES = ("map2Dto3D", "map3Dto2D")
 # The distance map each module yields, by the method's names.
 DISTANCE_NAMES = {"map3Dto2D": "d_map2d", "map2Dto3D": "d_map3d", "Dec2D": "d_rec2d", "Dec3D": "d_rec3d"}
 
@@ -45,7 +47,7 @@ def build_module(name: str, config: ExtractorConfig) -> nn.Module:
 
 
 @register_detector
-class CMDRIAD(Detector):
+class CMDRIAD(PixelwiseMixin, Detector):
     """The four trainable modules of CMDR-IAD (only those the modality needs are built).
 
     Args:
@@ -67,11 +69,12 @@ class CMDRIAD(Detector):
         """One Adam per module, each driven by its own loss (the paper's training)."""
         return {name: OptimizerGroup((name,), (name,)) for name in self.module_names}
 
-    def _predictions(self, f2d: torch.Tensor | None, f3d: torch.Tensor | None):
+    def _pairs(self, f2d: torch.Tensor | None, f3d: torch.Tensor | None):
+        """(name, module, source features, target features) of every module."""
         features = {"2d": f2d, "3d": f3d}
         for name, module in self.trainable().items():
             source, target = _INPUT_AND_TARGET[name]
-            yield name, module(features[source]), features[target]
+            yield name, module, features[source], features[target]
 
     def losses(self, f2d: torch.Tensor | None, f3d: torch.Tensor | None, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """Masked cosine loss of every module.
@@ -80,7 +83,9 @@ class CMDRIAD(Detector):
             f2d: (B, P, C2) or None; f3d: (B, P, C3) or None.
             mask: (B, P) valid pixels.
         """
-        return {name: masked_cosine_loss(pred, target, mask) for name, pred, target in self._predictions(f2d, f3d)}
+        return {name: self.pixelwise_loss(module, source, target, mask) if name in PIXELWISE_MODULES
+                else masked_cosine_loss(module(source), target, mask)
+                for name, module, source, target in self._pairs(f2d, f3d)}
 
     def distance_maps(
         self, f2d: torch.Tensor | None, f3d: torch.Tensor | None, mask: torch.Tensor
@@ -88,8 +93,9 @@ class CMDRIAD(Detector):
         """The distance maps (``d_map2d``, ``d_map3d``, ``d_rec2d``, ``d_rec3d``), each (B, G, G)."""
         size = self.config.grid_size
         return {
-            DISTANCE_NAMES[name]: feature_distance(pred, target, mask).reshape(-1, size, size)
-            for name, pred, target in self._predictions(f2d, f3d)
+            DISTANCE_NAMES[name]: (self.pixelwise_distance(module, source, target, mask) if name in PIXELWISE_MODULES
+                                   else feature_distance(module(source), target, mask)).reshape(-1, size, size)
+            for name, module, source, target in self._pairs(f2d, f3d)
         }
 
     def fuse(self, maps: dict[str, torch.Tensor], valid: torch.Tensor, variant: str = "full") -> torch.Tensor:

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from networks.activation_checkpointing import CheckpointableMixin
+from networks.dropout import Dropout
 
 
 class WindowAttention(nn.Module):
@@ -24,9 +25,9 @@ class WindowAttention(nn.Module):
         self.window_size = window_size
         self.scale = (dim // num_heads) ** -0.5
         self.qkv = nn.Linear(dim, dim * 3)
-        self.attn_drop = nn.Dropout(attn_drop)
+        self.attn_drop = Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
+        self.proj_drop = Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, D) → (B, T, D); the sequence is zero-padded to a multiple of the window and cropped back."""
@@ -52,7 +53,7 @@ class WindowBlock(nn.Module):
         self.attn = WindowAttention(dim, num_heads, window_size, dropout, dropout)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(
-            nn.Linear(dim, 2 * dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(2 * dim, dim), nn.Dropout(dropout),
+            nn.Linear(dim, 2 * dim), nn.GELU(), Dropout(dropout), nn.Linear(2 * dim, dim), Dropout(dropout),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -78,7 +79,7 @@ class Decoder2D(CheckpointableMixin, nn.Module):
         reduced = dim // 2
         self.img_size = img_size
         self.projection = nn.Sequential(
-            nn.Linear(dim, reduced), nn.GELU(), nn.LayerNorm(reduced), nn.Dropout(dropout),
+            nn.Linear(dim, reduced), nn.GELU(), nn.LayerNorm(reduced), Dropout(dropout),
             nn.Linear(reduced, reduced), nn.GELU(), nn.LayerNorm(reduced),
         )
         self.attn = WindowBlock(reduced, num_heads, window_size, dropout)
@@ -88,7 +89,7 @@ class Decoder2D(CheckpointableMixin, nn.Module):
             layers += [nn.ConvTranspose2d(c_in, c_out, 3, stride=1, padding=1), nn.BatchNorm2d(c_out), nn.GELU()]
         self.conv_decoder = nn.Sequential(*layers)
         self.reconstruct = nn.Sequential(
-            nn.Linear(reduced, 4 * reduced), nn.GELU(), nn.Dropout(dropout), nn.Linear(4 * reduced, dim),
+            nn.Linear(reduced, 4 * reduced), nn.GELU(), Dropout(dropout), nn.Linear(4 * reduced, dim),
             nn.LayerNorm(dim),
         )
 
@@ -122,7 +123,7 @@ class Decoder3D(nn.Module):
             raise ValueError(f"out_seq_len must be divisible by 32, got {out_seq_len}")
         reduced = out_seq_len // 32
         self.projection = nn.Sequential(
-            nn.Linear(out_seq_len, reduced), nn.GELU(), nn.LayerNorm(reduced), nn.Dropout(dropout),
+            nn.Linear(out_seq_len, reduced), nn.GELU(), nn.LayerNorm(reduced), Dropout(dropout),
             nn.Linear(reduced, reduced), nn.GELU(), nn.LayerNorm(reduced),
         )
         widths = (feature_dim, *channels, feature_dim)

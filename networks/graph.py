@@ -108,6 +108,7 @@ class DetectorGraph(nn.Module):
         self.extractor = extractor.eval()
         self.model = copy.deepcopy(model).eval()  # the run's own model is left as it is
         _convolutions_for_transposed(self.model)
+        self.model.valid_rows_only = False  # a fixed-shape graph computes every pixel (the valid ones are the same)
         self.eval()
         self.input_names = GRAPH_INPUTS[model.modality]
 

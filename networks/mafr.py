@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from networks.detector import Detector, register_detector
+from networks.dropout import Dropout
 from networks.features import ExtractorConfig
 from networks.fusion import final_smoothing
 
@@ -46,7 +47,7 @@ class FusionEncoder(nn.Module):
         self.fc3 = nn.Linear(hidden, hidden)
         self.norm = nn.LayerNorm(hidden)  # one instance, used twice (reference)
         self.act = nn.GELU()
-        self.dropout = nn.Dropout(DROPOUT)
+        self.dropout = Dropout(DROPOUT)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.dropout(self.norm(self.act(self.fc1(x))))
@@ -90,7 +91,7 @@ class DecoupledDecoder(nn.Module):
                                      nn.Linear(hidden, hidden)])
         self.norm = nn.LayerNorm(hidden)  # shared by the three layers (reference)
         self.act = nn.GELU()
-        self.dropout = nn.Dropout(DROPOUT)
+        self.dropout = Dropout(DROPOUT)
         self.attention = TokenCBAM(hidden)
         self.output = nn.Linear(hidden, out_features)
 

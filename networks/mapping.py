@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from networks.activation_checkpointing import CheckpointableMixin
+from networks.dropout import Dropout
 
 
 class FeatureMappingMLP(CheckpointableMixin, nn.Module):
@@ -26,7 +27,7 @@ class FeatureMappingMLP(CheckpointableMixin, nn.Module):
         self.input = nn.Linear(in_features, hidden)
         self.act_fcn = nn.GELU()
         self.projection = nn.Sequential(
-            nn.Linear(hidden, hidden), nn.GELU(), nn.LayerNorm(hidden), nn.Dropout(dropout),
+            nn.Linear(hidden, hidden), nn.GELU(), nn.LayerNorm(hidden), Dropout(dropout),
             nn.Linear(hidden, hidden), nn.GELU(), nn.LayerNorm(hidden),
         )
         self.output = nn.Linear(hidden, out_features)

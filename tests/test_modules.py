@@ -10,6 +10,8 @@ import torch
 
 from networks.cmdr import CMDRIAD, MODULE_NAMES, MODULES_OF_MODALITY, build_module, masked_cosine_loss
 from networks.decoders import Decoder2D, Decoder3D, WindowAttention
+from networks.detectors import build_detector
+from networks.dropout import Dropout, keep_mask
 from networks.features import PRESETS
 
 # Every parameter name and shape of the reference modules (a copy of shared/spec/reference_state_dicts.json).
@@ -82,3 +84,57 @@ def test_masked_cosine_loss_matches_definition():
         for b in range(2) for p in range(5) if mask[b, p]
     ]
     assert masked_cosine_loss(prediction, target, mask).item() == pytest.approx(1 - sum(cosines) / len(cosines))
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_keeps_the_expected_fraction_scaled(p: float):
+    """networks.dropout.Dropout: every element is 0 or x / (1 − p), dropped with probability round(p·2¹⁶)/2¹⁶
+    (within 5 standard deviations over 2²⁰ elements), independently of its position (each of the four 16-bit
+    fields of a 64-bit draw, and both halves of the tensor, drop alike); the gradient passes through the same mask;
+    in eval mode it is the identity."""
+    torch.manual_seed(3)
+    x = torch.rand(1 << 20, dtype=torch.float64).float() + 1.0  # no zeros: a zero output means dropped
+    x.requires_grad_()
+    layer = Dropout(p).train()
+    out = layer(x)
+    dropped = out == 0
+    torch.testing.assert_close(out[~dropped], x[~dropped] / (1 - p), rtol=1e-6, atol=0)
+    expected = round(p * 65536) / 65536
+    sigma = (expected * (1 - expected) / x.numel()) ** 0.5
+    assert abs(dropped.double().mean().item() - expected) < 5 * sigma
+    for field in dropped.reshape(-1, 4).unbind(1):
+        assert abs(field.double().mean().item() - expected) < 5 * 2 * sigma
+    for half in dropped.chunk(2):
+        assert abs(half.double().mean().item() - expected) < 5 * 1.5 * sigma
+    out.sum().backward()
+    torch.testing.assert_close(x.grad, (~dropped).float() / (1 - p))
+    assert torch.equal(layer.eval()(x), x)
+
+
+def test_dropout_masks_follow_the_global_seed():
+    torch.manual_seed(5)
+    first = keep_mask((7, 9), 0.1)
+    torch.manual_seed(5)
+    assert torch.equal(keep_mask((7, 9), 0.1), first) and first.shape == (7, 9)
+
+
+@pytest.mark.parametrize("name", ["cmdr", "cfm"])
+def test_pixelwise_modules_on_the_valid_rows_equal_every_pixel(name: str):
+    """The mapping MLPs run on the valid pixels only (PixelwiseMixin); computing every pixel, as the exported
+    graph does, gives the same losses and maps, zero on the invalid pixels."""
+    config = PRESETS["tiny"]
+    torch.manual_seed(2)
+    model = build_detector(name, config).eval()
+    pixels = config.grid_size ** 2
+    f2d, f3d = torch.randn(2, pixels, config.rgb_dim), torch.randn(2, pixels, config.xyz_dim)
+    mask = torch.rand(2, pixels) < 0.3
+    f3d[~mask] = 0
+    with torch.no_grad():
+        rows_losses, rows_maps = model.losses(f2d, f3d, mask), model.distance_maps(f2d, f3d, mask)
+        model.valid_rows_only = False
+        full_losses, full_maps = model.losses(f2d, f3d, mask), model.distance_maps(f2d, f3d, mask)
+    for key in full_losses:
+        torch.testing.assert_close(rows_losses[key], full_losses[key], rtol=1e-6, atol=1e-7)
+    for key in full_maps:
+        torch.testing.assert_close(rows_maps[key], full_maps[key], rtol=1e-5, atol=1e-6)
+        assert torch.all(rows_maps[key].reshape(2, -1)[~mask] == 0)

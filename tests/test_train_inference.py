@@ -110,6 +110,38 @@ def test_training_is_deterministic(synthetic_root: Path, trained: Path, tmp_path
             assert torch.equal(again[name][key], reference[name][key]), f"{name}.{key}"
 
 
+@pytest.mark.parametrize("source", ["files every step", "cache files every step"])
+def test_features_held_in_memory_train_the_same_weights(synthetic_root: Path, trained: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch, source: str):
+    """The epochs read the training features held in memory (TrainingSet); reading every batch's files and
+    computing its features (no cache), or reading the cache's entries every step (over the memory budget), trains
+    the same weights bit for bit — and in the same order of samples."""
+    from utils.runs import training_set
+
+    if source == "files every step":
+        assert run_train(synthetic_root, tmp_path, "--cache_dir", "none") == 0
+    else:
+        monkeypatch.setattr(training_set, "HELD_PARTS_BUDGET", 0)
+        assert run_train(synthetic_root, tmp_path) == 0
+    again, reference = state_dicts(tmp_path), state_dicts(trained)
+    for name in reference:
+        for key in reference[name]:
+            assert torch.equal(again[name][key], reference[name][key]), f"{name}.{key}"
+
+
+def test_the_epochs_see_the_samples_in_the_seeded_order_of_the_dataset_loader(synthetic_root: Path):
+    """index_loader draws the orders make_dataloader gives the dataset (a seed keeps its order of samples)."""
+    from utils.data.mvtec3d import MVTec3DDataset, make_dataloader
+    from utils.runs.training_set import index_loader
+
+    dataset = MVTec3DDataset(synthetic_root, "dome", "train", 64)
+    by_records = make_dataloader(dataset, 3, shuffle=True, seed=115)
+    by_indices = index_loader(len(dataset), 3, shuffle=True, seed=115)
+    names = [record.name for record in dataset.records]
+    for _ in range(3):  # epochs
+        assert [[r.name for r in b.records] for b in by_records] == [[names[i] for i in b] for b in by_indices]
+
+
 def test_activation_checkpointing_trains_the_same_weights(synthetic_root: Path, trained: Path, tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch):
     """Recomputing the checkpointed segments in backward (dropout masks replayed) gives the same weights, bit for
@@ -462,8 +494,6 @@ def test_a_non_finite_loss_skips_only_its_own_module():
     model = CMDRIAD(config)
     grid = config.grid_size**2
     f2d, f3d = torch.randn(2, grid, config.rgb_dim), torch.randn(2, grid, config.xyz_dim)
-    extractor = type("Extractor", (), {"device": torch.device("cpu"), "grid_size": config.grid_size})()
-    cache = type("Cache", (), {"extractor": extractor, "features": lambda self, batch: (f2d, f3d)})()
     real_losses = model.losses
 
     def one_nan(*args):
@@ -473,7 +503,7 @@ def test_a_non_finite_loss_skips_only_its_own_module():
     model.losses = one_nan
     optimizers = train.make_optimizers(model)
     before = {name: {k: v.clone() for k, v in module.named_parameters()} for name, module in model.trainable().items()}
-    losses = train.optimisation_step(model, optimizers, cache, batch=None)
+    losses = train.optimisation_step(model, optimizers, f2d, f3d, torch.ones(2, grid, dtype=torch.bool))
     assert losses["Dec2D"] is None
     assert all(isinstance(losses[name], float) for name in losses if name != "Dec2D")
     for name, module in model.trainable().items():

@@ -73,7 +73,9 @@ class FeatureCache:
 
     # --- entries -----------------------------------------------------------------------------------------------
 
-    def _load(self, branch: str, record: SampleRecord) -> torch.Tensor | XYZParts | PointParts | GridParts | None:
+    def load(self, branch: str, record: SampleRecord) -> torch.Tensor | XYZParts | PointParts | GridParts | None:
+        """The stored parts of ``record`` for ``branch``; None when there is no valid entry (missing, stale or
+        unreadable: the warning says which)."""
         path = self.entry_path(branch, record)
         if not path.is_file():
             return None
@@ -128,7 +130,7 @@ class FeatureCache:
         """The parts of ``branch`` for every sample of ``batch``, read from the cache or computed (and stored)."""
         if branch not in BRANCHES:
             raise ValueError(f"branch must be one of {BRANCHES}, got {branch!r}")
-        found = [None] * len(batch) if self.cache_dir is None else [self._load(branch, r) for r in batch.records]
+        found = [None] * len(batch) if self.cache_dir is None else [self.load(branch, r) for r in batch.records]
         missing = [i for i, part in enumerate(found) if part is None]
         self.hits += len(batch) - len(missing)
         self.misses += len(missing)

@@ -334,8 +334,13 @@ def valid_mask(batch: Batch, f3d: torch.Tensor | None, extractor: MultimodalFeat
     """(B, G²) valid pixels of the feature grid: F3D rows that are not all zero; for the 2D-only model the
     footprint of :func:`valid_pixels`."""
     if f3d is not None:
-        return (f3d != 0).any(dim=-1)
+        return feature_mask(f3d)
     return footprint_mask(valid_pixels(batch), extractor.grid_size).to(extractor.device)
+
+
+def feature_mask(f3d: torch.Tensor) -> torch.Tensor:
+    """(B, G²) valid cells of the feature grid where there are 3D features: the F3D rows that are not all zero."""
+    return (f3d != 0).any(dim=-1)
 
 
 def valid_pixels(batch: Batch) -> torch.Tensor:
