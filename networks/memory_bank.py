@@ -91,7 +91,7 @@ def greedy_coreset_of_size(features: torch.Tensor, n: int, eps: float = PROJECTI
     """Indices of a greedy k-center coreset of ``n`` rows of (N, D) ``features`` (every row when n ≥ N).
 
     Start at index 0; repeatedly add the row farthest (Euclidean, in the random projection) from the rows chosen
-    so far.
+    so far (the first such row on a tie): :func:`greedy_k_center`.
 
     Returns:
         (n,) int64 indices in selection order.
@@ -100,22 +100,94 @@ def greedy_coreset_of_size(features: torch.Tensor, n: int, eps: float = PROJECTI
     n = max(1, n)
     if n >= count:
         return torch.arange(count)
-    projected = random_projection(features, eps, seed)
-    # squared distances as ‖x‖² − 2 x·c + ‖c‖²: one matrix-vector product per step instead of an (N, D)
-    # difference (≈10 × faster); the farthest row is the same, as the order of distances is that of their squares
-    norms = projected.square().sum(dim=1)
+    return greedy_k_center(random_projection(features, eps, seed), n, progress)
 
-    def squared_distances(index: int) -> torch.Tensor:
-        return (norms - 2 * (projected @ projected[index]) + norms[index]).clamp_min_(0)
 
-    selected = torch.empty(n, dtype=torch.long)
-    selected[0] = 0
-    min_distances = squared_distances(0)
-    for i in tqdm(range(1, n), desc="coreset", unit="row", leave=False, disable=not progress):
-        index = int(torch.argmax(min_distances))
-        selected[i] = index
-        min_distances = torch.minimum(min_distances, squared_distances(index))
+# greedy_k_center: candidates taken per round, and rows per distance block of the round's update.
+ROUND_CANDIDATES = 512
+UPDATE_CHUNK = 16384
+
+
+def _first_occurrences(points: torch.Tensor) -> torch.Tensor:
+    """The index of the first row of every distinct row of ``points``, ascending."""
+    _, inverse = torch.unique(points, dim=0, return_inverse=True)
+    first = torch.full((int(inverse.max()) + 1,), len(points), dtype=torch.long)
+    first.scatter_reduce_(0, inverse, torch.arange(len(points)), "amin")
+    return first.sort().values
+
+
+def greedy_k_center(points: torch.Tensor, n: int, progress: bool = True) -> torch.Tensor:
+    """Greedy k-center selection of ``n`` of the (N, D) ``points``: start at index 0, then repeatedly the point
+    farthest from the chosen ones (the lowest index on a tie); squared distances as ‖x‖² − 2 x·c + ‖c‖².
+
+    The same selection as one pass over all N points per chosen point (what it replaces: 50 minutes for M3DM's
+    10 % of 700k patches on 2 cores), computed in rounds of matrix products:
+
+    * duplicate rows (the background's zero 3D features: 80 % of a real class's patches) are one point: a chosen
+      point's duplicates are at distance 0 and never chosen after it;
+    * a round takes the :data:`ROUND_CANDIDATES` farthest points. Distances only shrink, so while a candidate,
+      updated against the round's new centres, is still farther than every non-candidate was (the threshold), it
+      is the farthest point of all: it is chosen without touching the others. A round ends when no candidate is;
+    * then every point's distance is updated against the round's centres at once (a matrix product instead of
+      one pass per centre). A point x at distance r from the chosen set cannot come closer to a new centre c at
+      distance ≥ R from it unless r > R / 2 (‖x − c‖ ≥ R − r): points nearer than half the round's smallest R are
+      skipped (with a margin for rounding).
+
+    Where ``n`` exceeds the distinct rows, the remaining rows follow in index order.
+
+    Returns:
+        (n,) int64 indices in selection order.
+    """
+    points = points.float().cpu()
+    count = len(points)
+    n = max(1, min(n, count))
+    rows = _first_occurrences(points)  # distinct rows, in index order: index 0 first, ties resolved alike
+    distinct = points.index_select(0, rows)
+    chosen = _k_center_of_distinct(distinct, min(n, len(rows)), progress)
+    selected = rows.index_select(0, chosen)
+    if n > len(rows):  # only duplicates of chosen rows are left
+        rest = torch.ones(count, dtype=torch.bool)
+        rest[selected] = False
+        selected = torch.cat([selected, torch.nonzero(rest).squeeze(1)[: n - len(rows)]])
     return selected
+
+
+def _k_center_of_distinct(points: torch.Tensor, n: int, progress: bool) -> torch.Tensor:
+    """:func:`greedy_k_center` of distinct (N, D) float32 rows."""
+    count = len(points)
+    norms = points.square().sum(dim=1)
+    current = (norms - 2 * (points @ points[0]) + norms[0]).clamp_min_(0)  # squared distance to the chosen set
+    selected = [0]
+    bar = tqdm(total=n, initial=1, desc="coreset", unit="row", leave=False, disable=not progress, mininterval=1.0)
+    while len(selected) < n:
+        k = min(ROUND_CANDIDATES, count - 1)
+        values, candidates = torch.topk(current, k + 1)
+        threshold = values[k]  # no point outside the candidates is farther than this, now or later
+        candidates = candidates[:k]
+        distances = current.index_select(0, candidates)
+        candidate_points, candidate_norms = points.index_select(0, candidates), norms.index_select(0, candidates)
+        new = [int(torch.argmax(current))]  # the farthest point, the lowest index on a tie
+        while len(selected) + len(new) < n:
+            centre = new[-1]
+            torch.minimum(distances, (candidate_norms - 2 * (candidate_points @ points[centre]) + norms[centre]
+                                      ).clamp_min_(0), out=distances)
+            peak = distances.max()
+            if not peak > threshold:  # a point outside the candidates may be as far: update them all first
+                break
+            new.append(int(candidates[distances == peak].min()))
+        selected += new
+        bar.update(len(new))
+        centres = torch.tensor(new)
+        centre_points, centre_norms = points.index_select(0, centres), norms.index_select(0, centres)
+        nearest = float(current.index_select(0, centres).min())
+        movable = torch.nonzero(current > nearest / 4 * (1 - 1e-3)).squeeze(1)
+        for start in range(0, len(movable), UPDATE_CHUNK):
+            chunk = movable[start : start + UPDATE_CHUNK]
+            squared = (norms.index_select(0, chunk)[:, None] - 2 * (points.index_select(0, chunk) @ centre_points.T)
+                       + centre_norms[None, :]).clamp_min_(0)
+            current.index_copy_(0, chunk, torch.minimum(current.index_select(0, chunk), squared.min(dim=1).values))
+    bar.close()
+    return torch.tensor(selected[:n])
 
 
 def nearest_neighbours(queries: torch.Tensor, bank: torch.Tensor, k: int = 1, chunk: int = NEIGHBOUR_CHUNK

@@ -18,8 +18,8 @@ from networks.detectors import extractor_config, parse_model_options
 from networks.features import PRESETS, ExtractorConfig, MultimodalFeatures
 from networks.fpfh import FPFHConfig
 from networks.memory_bank import (
-    MemoryBank, gaussian_blur, greedy_coreset, nearest_neighbours, orthogonal_matching_pursuit, pil_blur_8bit,
-    reweighted_image_score,
+    MemoryBank, gaussian_blur, greedy_coreset, greedy_k_center, nearest_neighbours, orthogonal_matching_pursuit,
+    pil_blur_8bit, reweighted_image_score,
 )
 from networks.resnet import ResNetConfig, combine_stages
 from utils.runs.checkpoints import load_modules, save_modules
@@ -53,6 +53,40 @@ def test_greedy_coreset_without_projection_and_edge_cases():
     assert greedy_coreset(points, 0.25, progress=False).tolist() == brute_force_k_center(points.double().numpy(), 30)
     assert greedy_coreset(points, 1.0).tolist() == list(range(120))
     assert greedy_coreset(points, 1e-6, progress=False).tolist() == [0]
+
+
+def one_pass_per_centre_k_center(points: torch.Tensor, n: int) -> list[int]:
+    """Greedy k-center as it was computed before the rounds: every point's distance updated by every new centre
+    (float64, first index on a tie)."""
+    x = points.double()
+    current = ((x - x[0]) ** 2).sum(dim=1)
+    chosen = [0]
+    while len(chosen) < n:
+        chosen.append(int(torch.argmax(current)))
+        current = torch.minimum(current, ((x - x[chosen[-1]]) ** 2).sum(dim=1))
+    return chosen
+
+
+@pytest.mark.parametrize("candidates", [4, 64, 512])
+def test_k_center_in_rounds_equals_one_pass_per_centre(monkeypatch: pytest.MonkeyPatch, candidates: int):
+    """Many rounds (few candidates each), clustered points of several scales, and duplicate rows (a background's
+    identical features) that must be chosen at most once, at their first index."""
+    monkeypatch.setattr("networks.memory_bank.ROUND_CANDIDATES", candidates)
+    generator = torch.Generator().manual_seed(7)
+    centres = torch.randn(40, 12, generator=generator) * 5
+    points = centres[torch.randint(0, 40, (3000,), generator=generator)] \
+        + torch.randn(3000, 12, generator=generator) * torch.rand(3000, 1, generator=generator)
+    points[1000:1800] = points[5]  # 800 duplicates of one row, after its first occurrence
+    points[2500:] = 0  # and of the zero row, whose first occurrence comes late
+    selected = greedy_k_center(points, 400, progress=False).tolist()
+    assert selected == one_pass_per_centre_k_center(points, 400)
+    assert len(set(selected)) == 400 and 2500 in selected and not set(selected) & set(range(1000, 1800))
+
+
+def test_k_center_beyond_the_distinct_rows_adds_the_rest_in_order():
+    points = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 0.0], [3.0, 0.0], [1.0, 0.0]])
+    assert greedy_k_center(points, 3, progress=False).tolist() == [0, 3, 1]
+    assert greedy_k_center(points, 5, progress=False).tolist() == [0, 3, 1, 2, 4]
 
 
 def test_nearest_neighbours_in_chunks_equals_brute_force():
