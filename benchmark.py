@@ -52,23 +52,22 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from networks.activation_checkpointing import set_activation_checkpointing
-from networks.detector import Detector
-from networks.detectors import build_detector, detector_class, extractor_config, parse_model_options
+from networks.blocks.activation_checkpointing import set_activation_checkpointing
 from networks.features import PRESETS, MultimodalFeatures
-from networks.memory_bank import MemoryBankDetector
+from networks.methods.detector import Detector, MemoryBankDetector
+from networks.methods.registry import build_detector, detector_class, extractor_config, parse_model_options
 from train import make_optimizers, optimisation_step
-from utils.runs.training_set import TrainingSet, index_loader
-from utils.runs.checkpoints import save_resume_state
-from utils.runs.feature_cache import FeatureCache
 from utils.data.io import write_text_atomic
 from utils.data.mvtec3d import MVTec3DDataset, collate_samples, make_dataloader
+from utils.data.synthetic import SyntheticConfig, generate_dataset
+from utils.runs.checkpoints import save_resume_state
+from utils.runs.feature_cache import FeatureCache
 from utils.runs.pipeline import (
     DEFAULT_SEED, add_model_arguments, model_option_pairs, open_split, resolve_device, seed_everything, setup_logging,
     valid_mask,
 )
+from utils.runs.training_set import TrainingSet, index_loader
 from utils.station.predictor import Predictor
-from utils.data.synthetic import SyntheticConfig, generate_dataset
 
 
 def _clock(device: torch.device) -> float:

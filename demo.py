@@ -25,9 +25,9 @@ import sys
 from pathlib import Path
 
 import inference
-import train
-from networks.detectors import DEFAULT_MODEL, detector_names
 from networks.features import PRESETS
+from networks.methods.registry import DEFAULT_MODEL, detector_names
+import train
 from utils.data.synthetic import SyntheticConfig, generate_dataset
 from utils.runs.checkpoints import DEFAULT_SEED, run_folder
 from utils.runs.pipeline import setup_logging

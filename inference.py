@@ -31,25 +31,25 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from networks.detectors import detector_class, detector_names
-from networks.fusion import FUSION_VARIANTS
+from networks.blocks.fusion import FUSION_VARIANTS
+from networks.methods.registry import detector_class, detector_names
+from utils.data.io import InputError, atomic_path, read_mask, write_text_atomic
+from utils.data.mvtec3d import make_dataloader, resolve_class_names
+from utils.data.transforms import denormalize_rgb, to_native_resolution
+from utils.evaluation.metrics import PER_DEFECT_KEY, class_metrics, image_auroc_per_defect
+from utils.evaluation.report import ReportBuilder
+from utils.evaluation.results import metrics_markdown, write_results
+from utils.evaluation.visualization import save_panel
 from utils.runs.checkpoints import (
     CheckpointError, adopt_recorded_settings, load_modules, read_sidecar, runs_in, select_run, sidecar_path,
     versions,
 )
 from utils.runs.feature_cache import FeatureCache
-from utils.data.io import InputError, atomic_path, read_mask, write_text_atomic
-from utils.evaluation.metrics import PER_DEFECT_KEY, class_metrics, image_auroc_per_defect
-from utils.data.mvtec3d import make_dataloader, resolve_class_names
 from utils.runs.pipeline import (
     DEFAULT_PRESET, RunConfig, add_run_arguments, autocast, model_identity, open_split, parse_run_args,
     prepare_run, setup_logging, valid_mask,
 )
 from utils.station.predictor import threshold_path
-from utils.evaluation.report import ReportBuilder
-from utils.evaluation.results import metrics_markdown, write_results
-from utils.data.transforms import denormalize_rgb, to_native_resolution
-from utils.evaluation.visualization import save_panel
 
 logger = logging.getLogger("inference")
 

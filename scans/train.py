@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from networks.cmdr import masked_cosine_loss
 from networks.features import PRESETS
+from networks.methods.cmdr import masked_cosine_loss
 from scans.build_dataset import load
 from scans.model import build_decoder, build_extractor, chunk_parts
 from utils.data.io import InputError, save_torch_atomic, write_text_atomic

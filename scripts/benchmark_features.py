@@ -19,8 +19,8 @@ import time
 import torch
 
 
+from networks.extractors.point_ops import farthest_point_sample, knn_groups, three_nn_weights
 from networks.features import MultimodalFeatures, XYZParts
-from networks.point_ops import farthest_point_sample, knn_groups, three_nn_weights
 from utils.data.synthetic import render_sample, sample_rng
 from utils.data.transforms import rgb_to_tensor, xyz_to_tensor
 

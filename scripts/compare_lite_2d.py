@@ -32,12 +32,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 
-from networks.efficientnet_lite import EfficientNetLiteConfig
+from networks.extractors.efficientnet_lite import EfficientNetLiteConfig
 from networks.features import PRESETS, ExtractorConfig, MultimodalFeatures
-from utils.runs.feature_cache import FeatureCache
 from utils.data.io import write_text_atomic
-from utils.evaluation.metrics import image_auroc, image_auroc_per_defect, pixel_auroc
 from utils.data.mvtec3d import MVTec3DDataset, make_dataloader
+from utils.evaluation.metrics import image_auroc, image_auroc_per_defect, pixel_auroc
+from utils.runs.feature_cache import FeatureCache
 from utils.runs.pipeline import setup_logging, valid_mask
 
 logger = logging.getLogger("compare_lite_2d")

@@ -25,12 +25,12 @@ from pathlib import Path
 
 
 import inference
-import train
-from networks.efficientnet_lite import EfficientNetLiteConfig
+from networks.extractors.efficientnet_lite import EfficientNetLiteConfig
+from networks.extractors.fpfh import FPFHConfig
+from networks.extractors.geometry_images import GeometryImagesConfig
 from networks.features import PRESETS, ExtractorConfig
-from networks.fpfh import FPFHConfig
-from networks.geometry_images import GeometryImagesConfig
 from scripts import map_diagnostics
+import train
 from utils.data.io import write_text_atomic
 from utils.runs.pipeline import setup_logging
 

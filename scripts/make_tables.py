@@ -24,10 +24,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 
-from networks.detectors import DETECTORS
+from networks.methods.registry import DETECTORS
 from utils.data.io import write_text_atomic
-from utils.logs import setup_logging
 from utils.data.mvtec3d import MVTEC3D_CLASSES
+from utils.logs import setup_logging
 
 logger = logging.getLogger("make_tables")
 

@@ -27,12 +27,12 @@ import torch
 from tqdm import tqdm
 
 
-from networks.fusion import (
+from networks.blocks.fusion import (
     FUSION_VARIANTS, final_smoothing, normalize_scores, pre_smooth_rgb_reconstruction,
 )
 from utils.data.io import InputError, write_text_atomic
-from utils.evaluation.metrics import image_auroc, image_auroc_per_defect
 from utils.data.mvtec3d import MVTec3DDataset, collate_samples
+from utils.evaluation.metrics import image_auroc, image_auroc_per_defect
 from utils.runs.pipeline import setup_logging, valid_mask, xyz_policy
 from utils.station.predictor import Predictor, add_run_arguments
 

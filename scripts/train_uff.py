@@ -7,7 +7,7 @@ The training patches are every training sample of every class (``--class_names``
 patches on the 56² grid and the RGB tokens paired with them — spatially scrambled as the reference's feature dump
 pairs them (``--pairs scrambled``, the default: its published numbers were obtained so; defect D1 in
 ../shared/spec/peers.md) or over the same place (``aligned``, as the UFF is used at test time). The loss is the
-reference's patch-wise InfoNCE (:meth:`networks.m3dm.FeatureFusionBlock.contrastive_loss`); the schedule is its
+reference's patch-wise InfoNCE (:meth:`networks.methods.m3dm.FeatureFusionBlock.contrastive_loss`); the schedule is its
 code's: AdamW (β 0.9, 0.95; weight decay 0.01, PyTorch's default, as the reference never passes its flag),
 lr 0.003, batches of 16 samples with gradients accumulated over 16 batches, linear warm-up for one epoch and a
 half cosine to 0 at epoch 3, seed 0. As in the reference an epoch with fewer batches than ``--accum_iter``
@@ -31,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 
-from networks.m3dm import FeatureFusionBlock, uff_cosine_schedule, uff_training_pairs
+from networks.methods.m3dm import FeatureFusionBlock, uff_cosine_schedule, uff_training_pairs
 from utils.data.io import save_torch_atomic
 from utils.data.mvtec3d import collate_samples
 from utils.runs.pipeline import RunConfig, add_feature_arguments, open_split, prepare_run, setup_logging

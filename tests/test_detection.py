@@ -23,12 +23,11 @@ from scipy.stats import spearmanr
 from sklearn.metrics import roc_auc_score
 
 import inference
-import train
-from networks.detector import DETECTORS
-from networks.detectors import build_detector
+from networks.extractors.fpfh import FPFHConfig
 from networks.features import ExtractorConfig, ViTConfig
-from networks.fpfh import FPFHConfig
-from networks.memory_bank import MemoryBankDetector
+from networks.methods.detector import DETECTORS, MemoryBankDetector
+from networks.methods.registry import build_detector
+import train
 from train import make_optimizers
 from utils.data.synthetic import SyntheticConfig, generate_dataset
 

@@ -11,13 +11,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from networks.cfm import CFM
-from networks.detector import DETECTORS
-from networks.detectors import build_detector, detector_names, parse_model_options
-from networks.memory_bank import MemoryBankDetector
+from networks.blocks.fusion import box_filter
 from networks.features import PRESETS
-from networks.fusion import box_filter
-from networks.mafr import MAFR, TokenCBAM, census_loss, smoothness_loss, znssd_loss
+from networks.methods.cfm import CFM
+from networks.methods.detector import DETECTORS, MemoryBankDetector
+from networks.methods.mafr import MAFR, TokenCBAM, census_loss, smoothness_loss, znssd_loss
+from networks.methods.registry import build_detector, detector_names, parse_model_options
 from train import make_optimizers
 from utils.runs.checkpoints import CheckpointError, load_modules, save_modules
 

@@ -8,16 +8,16 @@ import pytest
 import timm
 import torch
 
-from networks import efficientnet_lite
-from networks.efficientnet_lite import (
+from networks.extractors import efficientnet_lite
+from networks.extractors.efficientnet_lite import (
     PRETRAINED, STAGE_CHANNELS, EfficientNetLiteConfig, build_efficientnet, convert_lukemelas_efficientnet,
     packaged_weights_path,
 )
+from networks.extractors.point_mae import WeightsError
 from networks.features import PRESETS, MultimodalFeatures
-from networks.point_mae import WeightsError
 from utils.data.io import read_rgb
-from utils.runs.pipeline import open_split
 from utils.data.transforms import IMAGENET, rgb_to_tensor
+from utils.runs.pipeline import open_split
 
 
 def test_converter_renames_lukemelas_keys_to_timm():

@@ -16,11 +16,11 @@ from torch import nn
 
 import calibrate
 import export
-import predict
-import train
-from networks.detectors import build_detector
 from networks.features import MultimodalFeatures
 from networks.graph import DetectorGraph, NotExportableError, as_convolution, export_problem
+from networks.methods.registry import build_detector
+import predict
+import train
 from utils.data.io import read_rgb, read_xyz
 from utils.station.predictor import Predictor
 

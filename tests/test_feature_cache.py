@@ -48,7 +48,7 @@ def test_lite_round_trip_is_exact(dataset_copy: Path, tmp_path: Path, preset: st
     """Geometry-image grids, per-point FPFH parts and EfficientNet grids come back bit for bit; the lite presets
     have their own entries."""
     from networks.features import FPFHConfig
-    from networks.geometry_images import GeometryImagesConfig
+    from networks.extractors.geometry_images import GeometryImagesConfig
 
     if preset == "lite with FPFH":  # geometry images and FPFH concatenated (GeometryImagesConfig.fpfh)
         preset = dataclasses.replace(PRESETS["lite"], xyz=GeometryImagesConfig(fpfh=FPFHConfig(grid_stride=2)))

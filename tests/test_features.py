@@ -12,11 +12,11 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer
 
-from networks.features import PRESETS, MultimodalFeatures, ViTConfig, build_rgb_backbone, foreground_mask
-from networks.point_mae import (
+from networks.extractors.point_mae import (
     POINTMAE_URL, TRUST_PICKLE_ENV, Block, PointMAEConfig, PointMAEEncoder, WeightsError, _batch_norm,
     load_pointmae_weights, read_checkpoint,
 )
+from networks.features import PRESETS, MultimodalFeatures, ViTConfig, build_rgb_backbone, foreground_mask
 from utils.data.mvtec3d import MVTec3DDataset, collate_samples
 from utils.runs.pipeline import open_split
 
@@ -201,7 +201,7 @@ def test_token_encoder_equals_the_reference_convolutions(bn_mode: str, groups_pe
     """The mini-PointNet as the reference writes it — 1×1 Conv1d on (G, C, k), the global feature concatenated
     before every point's — in float64, against ours (matrix products, the concatenated layer split, the last
     layer a slice of groups at a time: 10 groups in one slice or in slices of 3, 3, 3, 1)."""
-    monkeypatch.setattr("networks.point_mae._GROUPS_PER_SLICE", groups_per_slice)
+    monkeypatch.setattr("networks.extractors.point_mae._GROUPS_PER_SLICE", groups_per_slice)
     encoder = _seeded_encoder(PointMAEConfig(first_conv=(16, 32), second_conv_hidden=48, trans_dim=24))
     tokenizer = encoder.encoder
     tokenizer.bn_mode = bn_mode

@@ -1,4 +1,4 @@
-"""FPFH (networks/fpfh.py) against a plain per-point loop written from the definitions, and its invariances."""
+"""FPFH (networks/extractors/fpfh.py) against a plain per-point loop written from the definitions, and its invariances."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from networks.extractors.fpfh import FPFHConfig, compute_fpfh
 from networks.features import MultimodalFeatures
-from networks.fpfh import FPFHConfig, compute_fpfh
 
 
 def bumpy_patch(n_side: int = 18, seed: int = 0) -> np.ndarray:
@@ -132,8 +132,8 @@ def test_fpfh_does_not_depend_on_threads_or_blocks(monkeypatch: pytest.MonkeyPat
         torch.set_num_threads(1)
         one_thread = compute_fpfh(points)
         torch.set_num_threads(max(threads, 2))
-        monkeypatch.setattr("networks.fpfh._PAIRS_PER_BLOCK", 700)  # 7 rows per block (100 pairs each)
-        monkeypatch.setattr("networks.fpfh._NORMAL_BLOCK", 50)
+        monkeypatch.setattr("networks.extractors.fpfh._PAIRS_PER_BLOCK", 700)  # 7 rows per block (100 pairs each)
+        monkeypatch.setattr("networks.extractors.fpfh._NORMAL_BLOCK", 50)
         np.testing.assert_array_equal(compute_fpfh(points), one_thread)
     finally:
         torch.set_num_threads(threads)
@@ -206,7 +206,7 @@ def test_radius_neighbours_break_distance_ties_by_index():
     """On a regular grid most distances tie: the neighbours come sorted by distance, then index (brute force)."""
     from scipy.spatial import cKDTree
 
-    from networks.fpfh import radius_neighbours
+    from networks.extractors.fpfh import radius_neighbours
 
     u, v = np.meshgrid(np.arange(12.0), np.arange(12.0))
     points = np.stack([u.ravel(), v.ravel(), np.zeros(u.size)], axis=1)

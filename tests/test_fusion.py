@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy.ndimage import uniform_filter
 
-from networks.fusion import (
+from networks.blocks.fusion import (
     FUSION_VARIANTS, confidence_weighted_reconstruction_anomaly, fuse, normalize_scores,
     reliability_gated_mapping_anomaly, single_modality_map,
 )

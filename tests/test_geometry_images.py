@@ -1,4 +1,4 @@
-"""Geometry images (networks/geometry_images.py): normals, curvature and depth against analytic surfaces and
+"""Geometry images (networks/extractors/geometry_images.py): normals, curvature and depth against analytic surfaces and
 float64 solvers; invariance; masking; the extractor, its fingerprint and its cache entries."""
 
 from __future__ import annotations
@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from networks.efficientnet_lite import EfficientNetLiteConfig
-from networks.features import PRESETS, ExtractorConfig, GridParts, MultimodalFeatures
-from networks.geometry_images import (
+from networks.extractors.efficientnet_lite import EfficientNetLiteConfig
+from networks.extractors.geometry_images import (
     GRAZING_COSINE, LINE_RATIO, GeometryImagesConfig, _towards_sensor, depth_above_plane, estimate_normals,
     render_geometry_images, smallest_eigenvector, symmetric_eigenvalues, window_covariance,
 )
+from networks.features import PRESETS, ExtractorConfig, GridParts, MultimodalFeatures
 
 PCA, CENTRAL = GeometryImagesConfig(normals="pca"), GeometryImagesConfig(normals="central")
 SIDE = 40
@@ -329,7 +329,7 @@ def test_grid_parts_rebuild_the_features(extractor: MultimodalFeatures):
 
 
 def test_geometry_images_refuse_pointmae_weights(tmp_path):
-    from networks.point_mae import WeightsError
+    from networks.extractors.point_mae import WeightsError
 
     with pytest.raises(WeightsError, match="pointmae_weights"):
         MultimodalFeatures(GEOMETRY, modality="xyz", pointmae_weights=tmp_path / "pretrain.pth")
@@ -337,9 +337,9 @@ def test_geometry_images_refuse_pointmae_weights(tmp_path):
 
 def test_lite_presets_choose_their_3d_branch():
     """lite reads geometry images; lite_fpfh keeps FPFH; BTF and Shape-Guided keep FPFH on lite, as they define."""
-    from networks.btf import BTF_PRESETS
-    from networks.fpfh import FPFHConfig
-    from networks.shape_guided import SG_PRESETS
+    from networks.methods.btf import BTF_PRESETS
+    from networks.extractors.fpfh import FPFHConfig
+    from networks.methods.shape_guided import SG_PRESETS
 
     assert PRESETS["lite"].xyz == GeometryImagesConfig()
     assert PRESETS["lite"].xyz.cnn == PRESETS["lite"].rgb, "the images go through the RGB branch's network"

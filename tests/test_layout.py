@@ -1,5 +1,6 @@
-"""The layering of the code: lower layers never import higher ones (networks/ knows nothing of utils/, utils/data
-nothing of utils/runs), no import circles between utils modules, one logging setup."""
+"""The layering of the code: lower layers never import higher ones (networks/ knows nothing of utils/, inside
+networks/ the blocks nothing of the methods, utils/data nothing of utils/runs), no import circles between utils
+modules, one logging setup."""
 
 from __future__ import annotations
 
@@ -22,10 +23,44 @@ def imported_modules(path: Path) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "networks").glob("*.py")), ids=lambda p: p.name)
+NETWORKS_MODULES = sorted((ROOT / "networks").rglob("*.py"), key=str)
+
+
+@pytest.mark.parametrize("path", NETWORKS_MODULES, ids=lambda p: str(p.relative_to(ROOT / "networks")))
 def test_networks_never_import_utils_or_the_entry_points(path: Path):
     upward = {m for m in imported_modules(path) if m.split(".")[0] in ("utils", "train", "inference", "scripts")}
-    assert not upward, f"networks/{path.name} imports {sorted(upward)}: move what it needs down into networks/"
+    assert not upward, f"{path.relative_to(ROOT)} imports {sorted(upward)}: move what it needs down into networks/"
+
+
+def networks_floor(module: str) -> str:
+    """networks.methods.cmdr -> "methods"; networks.features -> "features"."""
+    return module.split(".")[1]
+
+
+# networks/ floors and the ones each may import besides itself: the shared errors and normalisation constants at
+# the bottom, extractors and blocks beside each other, the features' front door above the extractors, the methods
+# above all of those, the export graph on top (docs/layout.md).
+BASE = {"errors", "normalization"}
+NETWORKS_ALLOWED = {
+    "errors": set(), "normalization": set(),
+    "extractors": BASE, "blocks": set(), "features": {"extractors"} | BASE,
+    "methods": {"blocks", "extractors", "features"} | BASE,
+    "graph": {"methods", "blocks", "extractors", "features"} | BASE,
+}
+
+
+def test_networks_is_divided_into_the_documented_floors():
+    floors = {networks_floor(".".join(p.relative_to(ROOT).with_suffix("").parts)) for p in NETWORKS_MODULES
+              if p.name != "__init__.py" or p.parent != ROOT / "networks"}
+    assert floors == set(NETWORKS_ALLOWED), f"networks/ holds {sorted(floors ^ set(NETWORKS_ALLOWED))} unexpectedly"
+
+
+@pytest.mark.parametrize("path", [p for p in NETWORKS_MODULES if p != ROOT / "networks" / "__init__.py"],
+                         ids=lambda p: str(p.relative_to(ROOT / "networks")))
+def test_networks_floors_import_only_the_floors_below(path: Path):
+    floor = networks_floor(".".join(path.relative_to(ROOT).with_suffix("").parts))
+    used = {networks_floor(m) for m in imported_modules(path) if m.startswith("networks.")} - {floor}
+    assert used <= NETWORKS_ALLOWED[floor], f"networks/{floor} imports networks.{sorted(used - NETWORKS_ALLOWED[floor])}"
 
 
 def utils_module(path: Path) -> str:

@@ -1,4 +1,4 @@
-"""M3DM (networks/m3dm.py) against plain float64 re-computations of ../shared/spec/peers.md ("M3DM"): the banks'
+"""M3DM (networks/methods/m3dm.py) against plain float64 re-computations of ../shared/spec/peers.md ("M3DM"): the banks'
 standardisation, nearest-neighbour scores, re-weighting and maps; the Decision Layer Fusion against
 scikit-learn's SGDOneClassSVM directly; the coreset sizes; the UFF's loss, key names, scrambled pairs and its
 resumable training."""
@@ -14,12 +14,12 @@ import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 from sklearn.linear_model import SGDOneClassSVM
 
-from networks.detectors import build_detector, extractor_config, parse_model_options
-from networks.m3dm import (
+from networks.extractors.point_mae import WeightsError
+from networks.methods.m3dm import (
     M3DM, M3DM_PRESETS, FeatureFusionBlock, load_uff_checkpoint, native_rgb, scrambled_rgb_index,
     uff_cosine_schedule, uff_training_pairs,
 )
-from networks.point_mae import WeightsError
+from networks.methods.registry import build_detector, extractor_config, parse_model_options
 
 TINY = M3DM_PRESETS["tiny"]  # 64² inputs, 16² grid, 8² RGB tokens
 

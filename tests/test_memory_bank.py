@@ -13,15 +13,15 @@ from PIL import Image, ImageFilter
 from scipy import ndimage
 from sklearn.random_projection import SparseRandomProjection
 
-from networks.btf import BTF, BTF_PRESETS
-from networks.detectors import extractor_config, parse_model_options
-from networks.features import PRESETS, ExtractorConfig, MultimodalFeatures
-from networks.fpfh import FPFHConfig
-from networks.memory_bank import (
+from networks.blocks.memory_bank import (
     MemoryBank, gaussian_blur, greedy_coreset, greedy_k_center, nearest_neighbours, orthogonal_matching_pursuit,
     pil_blur_8bit, reweighted_image_score,
 )
-from networks.resnet import ResNetConfig, combine_stages
+from networks.extractors.fpfh import FPFHConfig
+from networks.extractors.resnet import ResNetConfig, combine_stages
+from networks.features import PRESETS, ExtractorConfig, MultimodalFeatures
+from networks.methods.btf import BTF, BTF_PRESETS
+from networks.methods.registry import extractor_config, parse_model_options
 from utils.runs.checkpoints import load_modules, save_modules
 
 
@@ -71,7 +71,7 @@ def one_pass_per_centre_k_center(points: torch.Tensor, n: int) -> list[int]:
 def test_k_center_in_rounds_equals_one_pass_per_centre(monkeypatch: pytest.MonkeyPatch, candidates: int):
     """Many rounds (few candidates each), clustered points of several scales, and duplicate rows (a background's
     identical features) that must be chosen at most once, at their first index."""
-    monkeypatch.setattr("networks.memory_bank.ROUND_CANDIDATES", candidates)
+    monkeypatch.setattr("networks.blocks.memory_bank.ROUND_CANDIDATES", candidates)
     generator = torch.Generator().manual_seed(7)
     centres = torch.randn(40, 12, generator=generator) * 5
     points = centres[torch.randint(0, 40, (3000,), generator=generator)] \

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from networks.cmdr import CMDRIAD, MODULE_NAMES, MODULES_OF_MODALITY, build_module, masked_cosine_loss
-from networks.decoders import Decoder2D, Decoder3D, WindowAttention
-from networks.detectors import build_detector
-from networks.dropout import Dropout, keep_mask
+from networks.blocks.decoders import Decoder2D, Decoder3D, WindowAttention
+from networks.blocks.dropout import Dropout, keep_mask
 from networks.features import PRESETS
+from networks.methods.cmdr import CMDRIAD, MODULE_NAMES, MODULES_OF_MODALITY, build_module, masked_cosine_loss
+from networks.methods.registry import build_detector
 
 # Every parameter name and shape of the reference modules (a copy of shared/spec/reference_state_dicts.json).
 REFERENCE = Path(__file__).resolve().parent / "data" / "reference_state_dicts.json"
@@ -88,7 +88,7 @@ def test_masked_cosine_loss_matches_definition():
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
 def test_dropout_keeps_the_expected_fraction_scaled(p: float):
-    """networks.dropout.Dropout: every element is 0 or x / (1 − p), dropped with probability round(p·2¹⁶)/2¹⁶
+    """networks.blocks.dropout.Dropout: every element is 0 or x / (1 − p), dropped with probability round(p·2¹⁶)/2¹⁶
     (within 5 standard deviations over 2²⁰ elements), independently of its position (each of the four 16-bit
     fields of a 64-bit draw, and both halves of the tensor, drop alike); the gradient passes through the same mask;
     in eval mode it is the identity."""

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from networks import point_ops
-from networks.point_ops import (
+from networks.extractors import point_ops
+from networks.extractors.point_ops import (
     PROPAGATION_EPS, farthest_point_sample, knn, points_to_pixel_map, propagate, three_nn_weights,
 )
 

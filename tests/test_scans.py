@@ -235,8 +235,8 @@ def test_lite_reads_organised_chunks_as_geometry_images_and_others_with_fpfh(tmp
                                                                               caplog: pytest.LogCaptureFixture):
     """Scans that are rasters of 64-point lines make 64 × 64 chunks whose rows are scan lines: a grid of the
     surface, read by the geometry images. Without --line_points the layout is file order, read with FPFH."""
-    from networks.fpfh import FPFHConfig
-    from networks.geometry_images import GeometryImagesConfig
+    from networks.extractors.fpfh import FPFHConfig
+    from networks.extractors.geometry_images import GeometryImagesConfig
     from scans.model import build_extractor, chunk_parts, scan_extractor_config
 
     assert isinstance(scan_extractor_config("lite", CHUNK).xyz, FPFHConfig)

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from networks.detectors import build_detector
 from networks.features import PRESETS
-from networks.shape_guided import (
+from networks.methods.registry import build_detector
+from networks.methods.shape_guided import (
     EXPERTS, SG_PRESETS, ShapeGuided, SDFExpert, convert_shape_guided_checkpoint, covered_cells, cut_patches,
     load_expert_checkpoint, neural_pull_queries,
 )

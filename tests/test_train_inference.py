@@ -14,9 +14,9 @@ import torch
 from PIL import Image
 
 import inference
-import train
-from networks.cmdr import CMDRIAD, MODULES_OF_MODALITY, build_module
 from networks.features import PRESETS
+from networks.methods.cmdr import CMDRIAD, MODULES_OF_MODALITY, build_module
+import train
 from utils.evaluation.metrics import METRIC_KEYS
 from utils.runs.checkpoints import module_path, resume_path, run_folder, sidecar_path
 
@@ -146,7 +146,7 @@ def test_activation_checkpointing_trains_the_same_weights(synthetic_root: Path, 
                                                            monkeypatch: pytest.MonkeyPatch):
     """Recomputing the checkpointed segments in backward (dropout masks replayed) gives the same weights, bit for
     bit, as keeping their activations."""
-    import networks.activation_checkpointing as checkpointing
+    import networks.blocks.activation_checkpointing as checkpointing
 
     calls = []
     real = checkpointing.checkpoint
@@ -453,7 +453,7 @@ def test_inference_batch_size_does_not_change_per_sample_results(synthetic_root:
 def test_memory_bank_fit_round_trip_and_ctrl_c(synthetic_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """A memory-bank method is fitted by train.py (its run named 1ep whatever --epochs_no says) and evaluated by
     inference.py; Ctrl-C during a fit writes nothing and exits 130."""
-    from networks.btf import BTF
+    from networks.methods.btf import BTF
 
     original = BTF.fit
     monkeypatch.setattr(BTF, "fit", lambda self, batches: _raise(KeyboardInterrupt()))

@@ -27,8 +27,8 @@ import timm
 import torch
 from torch import nn
 
-from networks.memory_bank import MemoryBank
-from networks.point_mae import load_state_dict_checked
+from networks.blocks.memory_bank import MemoryBank
+from networks.extractors.point_mae import load_state_dict_checked
 from utils.data.io import InputError, save_torch_atomic, write_text_atomic
 
 logger = logging.getLogger(__name__)

@@ -14,12 +14,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from networks.detector import MODALITIES, Detector
-from networks.detectors import (
+from networks.features import PRESETS, MultimodalFeatures, footprint_mask
+from networks.methods.detector import MODALITIES, Detector, MemoryBankDetector
+from networks.methods.registry import (
     DEFAULT_MODEL, build_detector, detector_class, detector_names, extractor_config, parse_model_options,
 )
-from networks.features import PRESETS, MultimodalFeatures, footprint_mask
-from networks.memory_bank import MemoryBankDetector
 from utils.data.io import InputError
 from utils.data.mvtec3d import (
     PREPROCESSED_MARKER, Batch, MVTec3DDataset, XyzPolicy, is_background_removed, resolve_class_names,
@@ -163,7 +162,7 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, training: bool) -> Non
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--model`` and ``--model_option``: which registered method (networks/detectors.py) and its options."""
+    """``--model`` and ``--model_option``: which registered method (networks/methods/registry.py) and its options."""
     parser.add_argument("--model", choices=detector_names(), default=DEFAULT_MODEL,
                         help="detection method: cmdr (CMDR-IAD), cfm (Crossmodal Feature Mapping), mafr (MAFR), btf "
                              "(Back to the Feature: PatchCore on RGB + FPFH), shape_guided (Shape-Guided dual "

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from networks.geometry_images import check_enough_points
+from networks.extractors.geometry_images import check_enough_points
 from networks.graph import GRAPH_INPUTS, GRAPH_OUTPUTS, DetectorGraph
 from networks.normalization import Normalization
 from utils.data.io import InputError, atomic_path

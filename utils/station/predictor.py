@@ -24,9 +24,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from networks.detector import BRANCHES_OF_MODALITY, Detector
-from networks.detectors import build_detector, detector_class, extractor_config, parse_model_options
 from networks.features import MultimodalFeatures
+from networks.methods.detector import BRANCHES_OF_MODALITY, Detector
+from networks.methods.registry import build_detector, detector_class, extractor_config, parse_model_options
 from networks.normalization import Normalization
 from utils.data.io import InputError, read_rgb, read_xyz, write_text_atomic
 from utils.data.mvtec3d import Batch

@@ -1,4 +1,4 @@
-"""The registry of detection methods: ``--model`` names → :class:`networks.detector.Detector` classes.
+"""The registry of detection methods: ``--model`` names → :class:`networks.methods.detector.Detector` classes.
 
 A new method is a new file with a ``@register_detector`` class, plus its import here.
 """
@@ -9,15 +9,15 @@ from collections.abc import Sequence
 from typing import Any
 
 # Imported for their registration (each module's class decorator fills DETECTORS).
-import networks.btf  # noqa: F401
-import networks.cfm  # noqa: F401
-import networks.cmdr  # noqa: F401
-import networks.m3dm  # noqa: F401
-import networks.mafr  # noqa: F401
-import networks.patchcore  # noqa: F401
-import networks.shape_guided  # noqa: F401
-from networks.detector import DETECTORS, Detector
 from networks.features import PRESETS, ExtractorConfig
+import networks.methods.btf  # noqa: F401
+import networks.methods.cfm  # noqa: F401
+import networks.methods.cmdr  # noqa: F401
+from networks.methods.detector import DETECTORS, Detector
+import networks.methods.m3dm  # noqa: F401
+import networks.methods.mafr  # noqa: F401
+import networks.methods.patchcore  # noqa: F401
+import networks.methods.shape_guided  # noqa: F401
 
 DEFAULT_MODEL = "cmdr"
 

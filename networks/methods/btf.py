@@ -18,15 +18,15 @@ from collections.abc import Iterable
 
 import torch
 
-from networks.detector import Prediction, register_detector
-from networks.features import PRESETS, ExtractorConfig
-from networks.fpfh import FPFHConfig
-from networks.fusion import resize_map
-from networks.memory_bank import (
-    MemoryBank, MemoryBankDetector, gaussian_blur, greedy_coreset, nearest_neighbours, pil_blur_8bit,
+from networks.blocks.fusion import resize_map
+from networks.blocks.memory_bank import (
+    MemoryBank, gaussian_blur, greedy_coreset, nearest_neighbours, pil_blur_8bit,
     reweighted_image_score,
 )
-from networks.resnet import ResNetConfig
+from networks.extractors.fpfh import FPFHConfig
+from networks.extractors.resnet import ResNetConfig
+from networks.features import PRESETS, ExtractorConfig
+from networks.methods.detector import MemoryBankDetector, Prediction, register_detector
 
 PATCH_GRID = 28  # BTF's AdaptiveAvgPool2d((28, 28))
 CORESET_FRACTION = 0.1

@@ -19,13 +19,13 @@ split of models from their training glue. Adding a method (docs/methods.md)::
             return {"d": feature_distance(self.net(f2d), f3d, mask).reshape(-1, g, g)}
         def fuse(self, maps, valid, variant): return final_smoothing(maps["d"], valid)
 
-and one import line in :mod:`networks.detectors`. Memory-bank methods (BTF, ...) derive from
-:class:`networks.memory_bank.MemoryBankDetector` instead: they are fitted in one pass, not trained.
+and one import line in :mod:`networks.methods.registry`. Memory-bank methods (BTF, ...) derive from
+:class:`MemoryBankDetector` (below) instead: they are fitted in one pass, not trained.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from networks.blocks.fusion import normalize_scores, resize_map
 from networks.features import ExtractorConfig
-from networks.fusion import normalize_scores, resize_map
 
 BRANCHES_OF_MODALITY = {"rgbxyz": ("2d", "3d"), "rgb": ("2d",), "xyz": ("3d",)}
 MODALITIES = tuple(BRANCHES_OF_MODALITY)
@@ -145,7 +145,7 @@ class Detector(nn.Module):
     def predict(self, f2d: torch.Tensor | None, f3d: torch.Tensor | None, mask: torch.Tensor,
                 variant: str = "full", xyz: torch.Tensor | None = None) -> Prediction:
         """Image scores and maps of a batch: Ψ (:meth:`anomaly_map`) and the reference's three normalisations
-        (:func:`networks.fusion.normalize_scores`). Memory-bank methods score images their own way; ``xyz``
+        (:func:`networks.blocks.fusion.normalize_scores`). Memory-bank methods score images their own way; ``xyz``
         (B, 3, S, S), the organized clouds, is read by the methods that set ``needs_clouds``."""
         maps, image_scores, pixel_scores = normalize_scores(self.anomaly_map(f2d, f3d, mask, variant).float())
         return Prediction(image_scores, maps, pixel_scores)
@@ -234,6 +234,32 @@ class PixelwiseMixin:
         prediction, target = self.pixelwise(module, source, target, mask)
         return row_distance(prediction, target, mask) if self.valid_rows_only \
             else feature_distance(prediction, target, mask)
+
+
+# --- memory-bank methods ------------------------------------------------------------------------------------
+
+class MemoryBankDetector(Detector):
+    """Base of the memory-bank methods: :meth:`fit` once on the training features; no losses, no optimisers.
+
+    The trainable modules (:meth:`trainable`) are :class:`MemoryBank` buffers (and, for Shape-Guided, a trained
+    3D expert); they are written to checkpoints like the gradient-trained methods' weights.
+    """
+
+    def fit(self, batches: Iterable[tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor | None]]
+            ) -> dict[str, float]:
+        """Build the banks from the training set: ``batches`` yields (F2D, F3D, mask) as :meth:`losses` takes
+        them, and the organized clouds (B, 3, S, S) or None.
+
+        Returns:
+            numbers worth recording in the run's sidecar (bank sizes, ...).
+        """
+        raise NotImplementedError
+
+    def optimizer_groups(self) -> dict[str, OptimizerGroup]:
+        return {}
+
+    def losses(self, f2d, f3d, mask):  # noqa: ANN001, D102 - fitted, not trained
+        raise TypeError(f"{self.name} is a memory-bank method: it is fitted (fit), not trained with losses")
 
 
 # --- registry --------------------------------------------------------------------------------------------------

@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from networks.detector import Detector, PixelwiseMixin, register_detector
+from networks.blocks.fusion import final_smoothing
 from networks.features import ExtractorConfig
-from networks.fusion import final_smoothing
+from networks.methods.detector import Detector, PixelwiseMixin, register_detector
 
 
 class CFMMLP(nn.Module):

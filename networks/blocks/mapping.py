@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from networks.activation_checkpointing import CheckpointableMixin
-from networks.dropout import Dropout
+from networks.blocks.activation_checkpointing import CheckpointableMixin
+from networks.blocks.dropout import Dropout
 
 
 class FeatureMappingMLP(CheckpointableMixin, nn.Module):
@@ -34,7 +34,7 @@ class FeatureMappingMLP(CheckpointableMixin, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, P, in_features) → (B, P, out_features); one checkpointed segment (see
-        :mod:`networks.activation_checkpointing`)."""
+        :mod:`networks.blocks.activation_checkpointing`)."""
         return self.segment(self._layers, x)
 
     def _layers(self, x: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from networks.point_mae import WeightsError, load_state_dict_checked, read_state_dict
+from networks.extractors.point_mae import WeightsError, load_state_dict_checked, read_state_dict
 from networks.normalization import IMAGENET_MEAN, IMAGENET_STD
 
 # Output width of timm's features_only stages 0..4 of the ResNets used here.

@@ -47,14 +47,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from networks.detector import Prediction, register_detector
-from networks.features import PRESETS, ExtractorConfig, ViTConfig
-from networks.fusion import resize_map
-from networks.memory_bank import (
-    MemoryBank, MemoryBankDetector, gaussian_blur, greedy_coreset_of_size, nearest_neighbours, pil_blur_8bit,
+from networks.blocks.fusion import resize_map
+from networks.blocks.memory_bank import (
+    MemoryBank, gaussian_blur, greedy_coreset_of_size, nearest_neighbours, pil_blur_8bit,
     reweighted_image_score,
 )
-from networks.point_mae import Mlp, load_state_dict_checked, read_state_dict
+from networks.extractors.point_mae import Mlp, load_state_dict_checked, read_state_dict
+from networks.features import PRESETS, ExtractorConfig, ViTConfig
+from networks.methods.detector import MemoryBankDetector, Prediction, register_detector
 
 logger = logging.getLogger(__name__)
 
@@ -244,7 +244,7 @@ class M3DM(MemoryBankDetector):
         if not 0 < coreset <= 1:
             raise ValueError(f"coreset must be a fraction in (0, 1], got {coreset}")
         if config.grid_size % RGB_GRID_FACTOR or config.rgb_upsampling != "nearest":
-            raise ValueError("m3dm needs its own presets (networks.m3dm.M3DM_PRESETS): RGB tokens replicated "
+            raise ValueError("m3dm needs its own presets (networks.methods.m3dm.M3DM_PRESETS): RGB tokens replicated "
                              f"{RGB_GRID_FACTOR} × {RGB_GRID_FACTOR} onto an even feature grid")
         if uff is not None and modality != "rgbxyz":
             raise ValueError("the UFF fuses both modalities: uff=FILE needs --modality rgbxyz")

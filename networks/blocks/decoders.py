@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from networks.activation_checkpointing import CheckpointableMixin
-from networks.dropout import Dropout
+from networks.blocks.activation_checkpointing import CheckpointableMixin
+from networks.blocks.dropout import Dropout
 
 
 class WindowAttention(nn.Module):

@@ -24,8 +24,8 @@ import timm
 import torch
 from torch import nn
 
-from networks.point_mae import WeightsError, load_state_dict_checked
-from networks.resnet import combine_stages
+from networks.extractors.point_mae import WeightsError, load_state_dict_checked
+from networks.extractors.resnet import combine_stages
 
 
 @dataclass(frozen=True)
@@ -205,7 +205,7 @@ class EfficientNetLiteFeatures(nn.Module):
     Args:
         network: the full timm model (weights loaded).
         stages: stage indices whose outputs are returned.
-        pooling, grid: how the stages meet on one grid (:func:`networks.resnet.combine_stages`).
+        pooling, grid: how the stages meet on one grid (:func:`networks.extractors.resnet.combine_stages`).
     """
 
     def __init__(self, network: nn.Module, stages: tuple[int, ...], pooling: str = "bilinear",

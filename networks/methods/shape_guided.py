@@ -38,16 +38,16 @@ from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 from tqdm import tqdm
 
-from networks.detector import Prediction, register_detector
-from networks.features import PRESETS, ExtractorConfig
-from networks.fpfh import FPFHConfig
-from networks.fusion import resize_map
-from networks.memory_bank import (
-    MemoryBank, MemoryBankDetector, gaussian_blur, nearest_neighbours, orthogonal_matching_pursuit, pil_blur_8bit,
+from networks.blocks.fusion import resize_map
+from networks.blocks.memory_bank import (
+    MemoryBank, gaussian_blur, nearest_neighbours, orthogonal_matching_pursuit, pil_blur_8bit,
 )
-from networks.point_mae import load_state_dict_checked, read_state_dict
-from networks.point_ops import farthest_point_sample, knn_groups
-from networks.resnet import ResNetConfig
+from networks.extractors.fpfh import FPFHConfig
+from networks.extractors.point_mae import load_state_dict_checked, read_state_dict
+from networks.extractors.point_ops import farthest_point_sample, knn_groups
+from networks.extractors.resnet import ResNetConfig
+from networks.features import PRESETS, ExtractorConfig
+from networks.methods.detector import MemoryBankDetector, Prediction, register_detector
 
 logger = logging.getLogger(__name__)
 

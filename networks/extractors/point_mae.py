@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from networks.point_ops import farthest_point_sample, knn_groups
 from networks.errors import InputError
+from networks.extractors.point_ops import farthest_point_sample, knn_groups
 
 logger = logging.getLogger(__name__)
 

@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from networks.detector import Detector, register_detector
-from networks.dropout import Dropout
+from networks.blocks.dropout import Dropout
+from networks.blocks.fusion import final_smoothing
 from networks.features import ExtractorConfig
-from networks.fusion import final_smoothing
+from networks.methods.detector import Detector, register_detector
 
 DROPOUT = 0.1
 ZNSSD_EPS = 1e-8

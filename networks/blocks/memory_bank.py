@@ -1,9 +1,8 @@
-"""Memory-bank methods (PatchCore's recipe, as BTF and Shape-Guided use it): fitted in one pass, not trained.
+"""The pieces of the memory-bank methods (PatchCore's recipe, as BTF, Shape-Guided and M3DM use it).
 
-:class:`MemoryBankDetector` is the base of such methods in the harness: ``train.py`` calls :meth:`fit` once with
-every training sample's features instead of running epochs of gradient steps, and the banks are data-sized
-buffers of :class:`MemoryBank` modules, saved and loaded like any module's weights. The pieces are plain
-functions, each checked in the tests against a brute-force computation:
+The banks are data-sized buffers of :class:`MemoryBank` modules, saved and loaded like any module's weights; the
+methods derive from :class:`networks.methods.detector.MemoryBankDetector`. The pieces are plain functions, each
+checked in the tests against a brute-force computation:
 
 * :func:`greedy_coreset` — greedy k-center selection on a sparse random projection (PatchCore; BTF's
   ``get_coreset_idx_randomp``), starting from index 0;
@@ -19,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -28,7 +27,6 @@ from sklearn.random_projection import SparseRandomProjection
 from torch import nn
 from tqdm import tqdm
 
-from networks.detector import Detector, OptimizerGroup
 
 logger = logging.getLogger(__name__)
 
@@ -322,27 +320,3 @@ def pil_blur_8bit(maps: torch.Tensor, radius: float = BLUR_SIGMA) -> torch.Tenso
         filtered = np.asarray(image.filter(ImageFilter.GaussianBlur(radius=radius)), dtype=np.float32)
         blurred.append(torch.from_numpy(filtered / 255.0) * peak)
     return torch.stack(blurred).to(maps.device)
-
-
-class MemoryBankDetector(Detector):
-    """Base of the memory-bank methods: :meth:`fit` once on the training features; no losses, no optimisers.
-
-    The trainable modules (:meth:`trainable`) are :class:`MemoryBank` buffers (and, for Shape-Guided, a trained
-    3D expert); they are written to checkpoints like the gradient-trained methods' weights.
-    """
-
-    def fit(self, batches: Iterable[tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor | None]]
-            ) -> dict[str, float]:
-        """Build the banks from the training set: ``batches`` yields (F2D, F3D, mask) as :meth:`losses` takes
-        them, and the organized clouds (B, 3, S, S) or None.
-
-        Returns:
-            numbers worth recording in the run's sidecar (bank sizes, ...).
-        """
-        raise NotImplementedError
-
-    def optimizer_groups(self) -> dict[str, OptimizerGroup]:
-        return {}
-
-    def losses(self, f2d, f3d, mask):  # noqa: ANN001, D102 - fitted, not trained
-        raise TypeError(f"{self.name} is a memory-bank method: it is fitted (fit), not trained with losses")

@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from networks.efficientnet_lite import EfficientNetLiteConfig, EfficientNetLiteFeatures
-from networks.fpfh import FPFH_DIM, FPFHConfig
+from networks.extractors.efficientnet_lite import EfficientNetLiteConfig, EfficientNetLiteFeatures
+from networks.extractors.fpfh import FPFH_DIM, FPFHConfig
 
 # Bump when a change here alters feature values (it is in the feature cache's key of this branch).
 GEOMETRY_IMAGES_VERSION = 3
@@ -329,7 +329,7 @@ class GeometryImagesExtractor(nn.Module):
     Args:
         config: the branch's settings.
         cnn: the EfficientNet-Lite stages (weights loaded), e.g. from :func:`networks.features.build_xyz_backbone`.
-        fpfh: the :class:`networks.fpfh.FPFHExtractor` of ``config.fpfh``, or None.
+        fpfh: the :class:`networks.extractors.fpfh.FPFHExtractor` of ``config.fpfh``, or None.
     """
 
     def __init__(self, config: GeometryImagesConfig, cnn: EfficientNetLiteFeatures,

@@ -1,6 +1,6 @@
 """The trainable part of CMDR-IAD: two cross-modal mapping MLPs and two reconstruction decoders.
 
-:class:`CMDRIAD` is the harness's ``cmdr`` detector (:mod:`networks.detector`): given frozen features it returns
+:class:`CMDRIAD` is the harness's ``cmdr`` detector (:mod:`networks.methods.detector`): given frozen features it returns
 per-module losses (training) and distance maps and the fused anomaly map (inference). Each module has its own
 Adam optimiser. Data, the training loop and checkpoints live in ``train.py``, ``inference.py`` and
 :mod:`utils.runs.checkpoints`.
@@ -11,13 +11,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from networks.decoders import Decoder2D, Decoder3D
-from networks.detector import (
+from networks.blocks.decoders import Decoder2D, Decoder3D
+from networks.blocks.fusion import FUSION_VARIANTS, fuse, single_modality_map
+from networks.blocks.mapping import FeatureMappingMLP
+from networks.features import ExtractorConfig
+from networks.methods.detector import (
     MODALITIES, Detector, OptimizerGroup, PixelwiseMixin, feature_distance, masked_cosine_loss, register_detector,
 )
-from networks.features import ExtractorConfig
-from networks.fusion import FUSION_VARIANTS, fuse, single_modality_map
-from networks.mapping import FeatureMappingMLP
 
 MODULE_NAMES = ("map2Dto3D", "map3Dto2D", "Dec2D", "Dec3D")
 MODULES_OF_MODALITY = {"rgbxyz": MODULE_NAMES, "rgb": ("Dec2D",), "xyz": ("Dec3D",)}

@@ -8,13 +8,13 @@ with ``lite`` the EfficientNet-Lite stages and the geometry images on the 56² g
 
 from __future__ import annotations
 
-from networks.btf import BTF
-from networks.detector import register_detector
+from networks.methods.btf import BTF
+from networks.methods.detector import register_detector
 
 
 @register_detector
 class PatchCore(BTF):
-    """``patchcore``: :class:`networks.btf.BTF`'s bank on the preset's features (F2D, F3D or [F2D, F3D])."""
+    """``patchcore``: :class:`networks.methods.btf.BTF`'s bank on the preset's features (F2D, F3D or [F2D, F3D])."""
 
     name = "patchcore"
     presets = {}
