@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -20,7 +21,11 @@ import inference
 import predict
 import train
 from utils.data.io import read_rgb, read_xyz
-from utils.station.predictor import Predictor, calibrate_threshold, threshold_path
+from utils.evaluation.metrics import threshold_decisions
+from utils.station.calibration import (
+    GoodTail, calibrate_threshold, empirical_threshold, miss_rate_threshold,
+)
+from utils.station.predictor import Predictor, threshold_path
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -35,21 +40,68 @@ def run(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return work / "ckpt"
 
 
-def test_calibration_equals_a_brute_force_quantile():
+def test_empirical_calibration_equals_a_brute_force_quantile():
     rng = np.random.default_rng(0)
     for n, rate in ((20, 0.01), (200, 0.01), (200, 0.05), (57, 0.1), (10, 0.0)):
         scores = rng.normal(size=n)
         scores[:3] = scores[3]  # ties
-        threshold = calibrate_threshold(scores, rate)
+        threshold = empirical_threshold(scores, rate)
+        assert calibrate_threshold(scores, rate, rule="empirical") == threshold
         # brute force: the smallest candidate threshold whose false alarms (score > t) stay within floor(rate · n)
         allowed = int(np.floor(rate * n + 1e-9))
         candidates = sorted(t for t in set(scores.tolist()) if np.sum(scores > t) <= allowed)
         assert threshold == candidates[0], (n, rate)
         assert np.sum(scores > threshold) <= allowed
     with pytest.raises(ValueError):
-        calibrate_threshold([], 0.01)
+        empirical_threshold([], 0.01)
     with pytest.raises(ValueError):
         calibrate_threshold([1.0], 1.0)
+
+
+def test_tail_threshold_is_the_robust_log_normal_quantile():
+    """median and MAD of the log-scores, by a plain computation; the 1 % quantile of the fitted normal."""
+    scores = [1.3, 1.0, 1.24, 1.1, 1.05, 1.2, 1.15, 1.08, 1.02, 1.18, 1.11, 1.22, 1.72]  # one good outlier
+    logs = sorted(math.log(s) for s in scores)
+    median = logs[len(logs) // 2]
+    mad = sorted(abs(v - median) for v in logs)[len(logs) // 2]
+    z = 2.3263478740408408  # Φ⁻¹(0.99)
+    expected = math.exp(median + 1.4826 * mad * z)
+    assert calibrate_threshold(scores, 0.01) == pytest.approx(expected, rel=1e-12)
+    tail = GoodTail.fit(scores)
+    assert tail.false_alarm_rate(expected) == pytest.approx(0.01, rel=1e-9)
+    # the outlier sets the empirical threshold (13 parts cannot show 1 %); the tail's stays with the others
+    assert empirical_threshold(scores, 0.01) == 1.72 and expected < 1.5
+    assert calibrate_threshold(scores[:4], 0.01) == 1.3  # fewer than 5 parts: the empirical rule
+
+
+def test_tail_fit_recovers_a_log_normal_and_barely_moves_with_an_outlier():
+    rng = np.random.default_rng(4)
+    scores = np.exp(rng.normal(0.5, 0.2, size=4000))
+    tail = GoodTail.fit(scores)
+    assert tail.location == pytest.approx(0.5, abs=0.02) and tail.scale == pytest.approx(0.2, rel=0.05)
+    small = scores[:30]
+    with_outlier = np.append(small, small.max() * 2)
+    assert calibrate_threshold(with_outlier, 0.01) == pytest.approx(calibrate_threshold(small, 0.01), rel=0.05)
+    assert empirical_threshold(with_outlier, 0.01) == small.max() * 2
+
+
+def test_miss_rate_threshold_and_decisions_by_brute_force():
+    rng = np.random.default_rng(5)
+    defective = rng.normal(3, 1, size=40)
+    good = rng.normal(0, 1, size=25)
+    for rate in (0.0, 0.05, 0.1, 0.3):
+        threshold = miss_rate_threshold(defective, rate)
+        allowed = int(np.floor(rate * 40 + 1e-9))
+        assert np.sum(defective <= threshold) <= allowed  # at most the allowed misses ...
+        assert np.sum(defective <= np.sort(defective)[allowed]) > allowed  # ... and no higher threshold keeps it
+        scores = np.concatenate([good, defective])
+        labels = np.array([0] * 25 + [1] * 40)
+        rates = threshold_decisions(threshold, scores, labels)
+        misses = sum(1 for s, y in zip(scores, labels) if y == 1 and not s > threshold)
+        alarms = sum(1 for s, y in zip(scores, labels) if y == 0 and s > threshold)
+        assert (rates["false_negatives"], rates["false_positives"]) == (misses, alarms)
+        assert rates["true_positives"] + misses == 40 and rates["true_negatives"] + alarms == 25
+        assert rates["miss_rate"] == misses / 40 and rates["false_alarm_rate"] == alarms / 25
 
 
 def test_predictor_scores_a_part_like_inference(run: Path, synthetic_root: Path, tmp_path: Path):
@@ -80,6 +132,20 @@ def test_predictor_scores_a_part_like_inference(run: Path, synthetic_root: Path,
     bigger = np.asarray(read_rgb(part / "rgb" / f"{stem}.png")).repeat(2, 0).repeat(2, 1)
     cloud = read_xyz(part / "xyz" / f"{stem}.tiff").repeat(2, 0).repeat(2, 1)
     assert predictor(rgb=bigger, xyz=cloud).anomaly_map.shape == bigger.shape[:2]  # another size than training
+
+
+def test_calibrate_by_miss_rate_on_the_test_split(run: Path, synthetic_root: Path, tmp_path: Path):
+    """--miss_rate picks the largest threshold that misses at most that share of the test split's defective parts;
+    the stored test decisions agree with the scores; the file is the one the predictor reads."""
+    folder = tmp_path / "run"
+    shutil.copytree(run, folder)
+    assert calibrate.main(["--checkpoint_folder", str(folder), "--class_name", "dome", "--dataset_path",
+                           str(synthetic_root), "--miss_rate", "0.2", "--device", "cpu"]) == 0
+    calibration = json.loads(threshold_path(folder, "dome", 1, 1).read_text())
+    test = calibration["test"]
+    assert calibration["rule"] == "miss_rate" and test["miss_rate"] <= 0.2
+    assert test["false_negatives"] == int(np.floor(0.2 * test["n_defective"] + 1e-9)) or test["miss_rate"] < 0.2
+    assert Predictor.load(folder, "dome", device="cpu").threshold == calibration["threshold"]
 
 
 def test_calibrate_then_predict_files_folders_and_a_watched_folder(run: Path, synthetic_root: Path,

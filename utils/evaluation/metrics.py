@@ -237,3 +237,18 @@ def mean_metrics(per_class: dict[str, dict[str, float | int | None]]) -> dict[st
         values = [per_class[c].get(key) for c in per_class]
         means[key] = math.nan if any(v is None for v in values) else float(np.mean(values))
     return means
+
+
+def threshold_decisions(threshold: float, scores: np.ndarray | list[float], labels: np.ndarray | list[int]) -> dict:
+    """Counts and rates of the decisions (anomalous when score > threshold) against 0/1 labels: the confusion table
+    (true/false positives and negatives), miss rate (defective called good) and false-alarm rate (good called
+    anomalous); a rate is None without parts of its kind."""
+    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels)
+    flagged = scores > threshold
+    good, defective = labels == 0, labels == 1
+    counts = {"true_positives": int(np.sum(flagged & defective)), "false_negatives": int(np.sum(~flagged & defective)),
+              "false_positives": int(np.sum(flagged & good)), "true_negatives": int(np.sum(~flagged & good))}
+    n_defective, n_good = int(defective.sum()), int(good.sum())
+    return {**counts, "n_defective": n_defective, "n_good": n_good,
+            "miss_rate": counts["false_negatives"] / n_defective if n_defective else None,
+            "false_alarm_rate": counts["false_positives"] / n_good if n_good else None}

@@ -5,9 +5,9 @@ sidecar — and scores a part from its files or arrays: image score, decision ag
 and the anomaly map at the part's native resolution. A part that cannot be scored (a missing modality, an unreadable
 file, a cloud without enough valid points) gets a :class:`PartResult` with its error; the predictor keeps serving.
 
-Thresholds (:func:`calibrate_threshold`): the score above which a part is called anomalous, chosen on good parts
-(the ``validation/good`` split) so that at most a target fraction of them is flagged; stored next to the run's
-sidecar as ``<class>_independent_<E>ep_<B>bs.threshold.json``.
+Thresholds (:mod:`utils.station.calibration`): the score above which a part is called anomalous, chosen on good
+parts (the ``validation/good`` split) for a target false-alarm rate, or on defective ones for a miss rate; stored
+next to the run's sidecar as ``<class>_independent_<E>ep_<B>bs.threshold.json``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,9 +35,6 @@ from utils.runs.pipeline import model_identity, resolve_device, valid_mask
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_FALSE_ALARM_RATE = 0.01
-
-
 def add_run_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
     """The options that pick a trained run for the predictor (calibrate.py, predict.py)."""
     parser.add_argument("--checkpoint_folder", type=Path, required=required,
@@ -46,23 +42,6 @@ def add_run_arguments(parser: argparse.ArgumentParser, required: bool = True) ->
     parser.add_argument("--epochs_no", type=int, help="the run's epochs when the folder holds several runs")
     parser.add_argument("--batch_size", type=int, help="the run's batch size when the folder holds several runs")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-
-
-def calibrate_threshold(good_scores: np.ndarray | list[float], false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE
-                        ) -> float:
-    """The smallest threshold t among the scores such that at most ``floor(rate · n)`` of the ``n`` good scores
-    exceed it (a part is anomalous when its score > t): the (n − k)-th smallest score, k = floor(rate · n).
-
-    Raises:
-        ValueError: no scores, or a rate outside [0, 1).
-    """
-    scores = np.sort(np.asarray(good_scores, dtype=np.float64))
-    if scores.size == 0 or not np.isfinite(scores).all():
-        raise ValueError("calibration needs at least one finite score of a good part")
-    if not 0 <= false_alarm_rate < 1:
-        raise ValueError(f"the false-alarm rate must be in [0, 1), got {false_alarm_rate}")
-    allowed = math.floor(false_alarm_rate * scores.size + 1e-9)
-    return float(scores[scores.size - allowed - 1])
 
 
 def threshold_path(run_dir: Path, class_name: str, epochs: int, batch_size: int) -> Path:
