@@ -32,6 +32,7 @@ import torch
 from tqdm import tqdm
 
 from networks.blocks.fusion import FUSION_VARIANTS
+from networks.methods.detector import Detector
 from networks.methods.registry import detector_class, detector_names
 from utils.data.io import InputError, atomic_path, read_mask, write_text_atomic
 from utils.data.mvtec3d import make_dataloader, resolve_class_names
@@ -49,6 +50,7 @@ from utils.runs.pipeline import (
     DEFAULT_PRESET, RunConfig, add_run_arguments, autocast, model_identity, open_split, parse_run_args,
     prepare_run, setup_logging, valid_mask,
 )
+from utils.station.calibration import calibrate_threshold
 from utils.station.predictor import threshold_path
 
 logger = logging.getLogger("inference")
@@ -111,7 +113,14 @@ def evaluate_class(class_name: str, config: RunConfig, cache: FeatureCache, fusi
                     with tmp.open("wb") as handle:
                         np.save(handle, aupro_map[i].astype(np.float32))
 
-    metrics = class_metrics(labels, image_scores, gts, aupro_maps, pixel_maps, seconds=float(np.sum(seconds)))
+    curves: dict = {}
+    metrics = class_metrics(labels, image_scores, gts, aupro_maps, pixel_maps, seconds=float(np.sum(seconds)),
+                            curves=curves)
+    if report is not None:
+        report.curves[class_name] = curves["pro"]
+        if report.thresholds[class_name] is None and (config.dataset_path / class_name / "validation").is_dir():
+            good = validation_scores(class_name, config, cache, model, fusion)
+            report.suggested[class_name] = (calibrate_threshold(good), len(good))
     metrics[PER_DEFECT_KEY] = image_auroc_per_defect([r.defect_type for r in records], labels, image_scores)
     table = io.StringIO()
     writer = csv.writer(table, lineterminator="\n")
@@ -125,6 +134,21 @@ def evaluate_class(class_name: str, config: RunConfig, cache: FeatureCache, fusi
             title = f"{class_name} {record.name}  score {score:.3f}"
             save_panel(path, rgb, xyz, gt, heat / scale, title)
     return metrics
+
+
+def validation_scores(class_name: str, config: RunConfig, cache: FeatureCache, model: Detector, fusion: str
+                      ) -> np.ndarray:
+    """Image scores of the class's validation parts (good), as calibrate.py scores them: for the report's threshold
+    when the run has no calibration."""
+    dataset = open_split(cache.extractor, config.dataset_path, class_name, "validation", config.modality)
+    scores = []
+    for batch in make_dataloader(dataset, config.eval_batch_size):
+        with torch.no_grad():
+            f2d, f3d = cache.features(batch)
+            with autocast(cache.extractor.device, config.amp):
+                prediction = model.predict(f2d, f3d, valid_mask(batch, f3d, cache.extractor), fusion, xyz=batch.xyz)
+        scores += prediction.image_scores.float().cpu().tolist()
+    return np.array(scores)
 
 
 def adopt_run_settings(args: argparse.Namespace) -> None:

@@ -4,6 +4,7 @@ per-part errors, and the HTML report rendered in headless Chromium (docs/inspect
 from __future__ import annotations
 
 import csv
+import html
 import json
 import math
 import re
@@ -211,6 +212,62 @@ def test_calibrate_then_predict_files_folders_and_a_watched_folder(run: Path, sy
     assert sorted(names) == sorted(p.stem for p in arrivals)
 
 
+def test_report_pictures_and_their_numbers_agree_with_the_results(run: Path, synthetic_root: Path, tmp_path: Path):
+    """The decision, ROC and PRO pictures exist as PNG files; their captions carry metrics.json's I-AUROC and
+    AUPRO@30%, and the counts on each side of the threshold, the confusion table and the detection per defect type
+    equal a recount of scores/<class>.csv against the threshold. Without a calibration the threshold is the one
+    calibrate.py would pick, said so."""
+    from PIL import Image
+
+    folder = tmp_path / "run"
+    shutil.copytree(run, folder)
+    threshold_path(folder, "dome", 1, 1).unlink(missing_ok=True)
+    for calibrated in (False, True):
+        if calibrated:
+            assert calibrate.main(["--checkpoint_folder", str(folder), "--class_name", "dome", "--dataset_path",
+                                   str(synthetic_root), "--device", "cpu"]) == 0
+        name = f"report{int(calibrated)}"
+        assert inference.main(["--dataset_path", str(synthetic_root), "--class_names", "dome", "--checkpoint_folder",
+                               str(folder), "--cache_dir", str(tmp_path / "cache"), "--device", "cpu",
+                               "--results_dir", str(tmp_path), "--run_name", name]) == 0
+        results = tmp_path / name
+        page = (results / "report.html").read_text()
+        metrics = json.loads((results / "metrics.json").read_text())["classes"]["dome"]
+        rows = list(csv.DictReader((results / "scores" / "dome.csv").open()))
+        scores = np.array([float(r["image_score"]) for r in rows])
+        labels = np.array([int(r["label"]) for r in rows])
+        if calibrated:
+            threshold = json.loads(threshold_path(folder, "dome", 1, 1).read_text())["threshold"]
+            assert f"calibrated threshold {threshold:.4g}" in page
+        else:
+            match = re.search(r"threshold ([0-9.e+-]+): what calibrate.py would pick from the (\d+) validation parts",
+                              page)
+            assert match and int(match.group(2)) == 2
+            threshold = float(match.group(1))
+        for picture in ("decision", "roc", "pro"):
+            with Image.open(results / "report" / "dome" / f"{picture}.png") as image:
+                assert image.size[0] > 200 and np.asarray(image.convert("L")).std() > 5
+        captions = {kind: html.unescape(text) for kind, text in
+                    re.findall(r"<figure class='(\w+)'>.*?<figcaption>(.*?)</figcaption>", page)}
+        assert f"I-AUROC {100 * metrics['I-AUROC']:.1f} %" in captions["roc"]
+        assert f"AUPRO@30% {100 * metrics['AUPRO@30%']:.1f} %" in captions["pro"]
+        good, defective = scores[labels == 0], scores[labels == 1]
+        tolerance = 10 ** -3 * abs(threshold)  # the page prints 4 digits: parts that close to it are not counted
+        if np.min(np.abs(scores - threshold)) > tolerance:
+            expected = (f"good {np.sum(good <= threshold)} ≤ t, {np.sum(good > threshold)} > t (false alarms); "
+                        f"defective {np.sum(defective <= threshold)} ≤ t (misses), {np.sum(defective > threshold)} > t")
+            assert expected in captions["decision"]
+            cells = re.search(r"<table class='confusion'>.*?<th>good</th><td>(\d+)</td><td>(\d+)</td>.*?"
+                              r"<th>defective</th><td>(\d+)</td><td>(\d+)</td>", page)
+            assert tuple(map(int, cells.groups())) == (np.sum(good <= threshold), np.sum(good > threshold),
+                                                       np.sum(defective <= threshold), np.sum(defective > threshold))
+            types = [r["sample"].split("/")[0] for r in rows]
+            for defect in sorted(set(types) - {"good"}):
+                chosen = np.array([t == defect for t in types])
+                count = f"<td>{defect}</td><td>{np.sum(scores[chosen] > threshold)} of {chosen.sum()}</td>"
+                assert count in page
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is needed (apt-get install chromium)")
 def test_report_renders_in_headless_chromium(run: Path, synthetic_root: Path, tmp_path: Path):
     if not threshold_path(run, "dome", 1, 1).is_file():
@@ -234,7 +291,7 @@ def test_report_renders_in_headless_chromium(run: Path, synthetic_root: Path, tm
     threshold = json.loads(threshold_path(run, "dome", 1, 1).read_text())["threshold"]
     assert all(row[4] == ("anomalous" if float(row[3]) > threshold else "good") for row in rows)
     assert "I-AUROC" in dom and f"threshold {threshold:.4g}" in dom
-    assert dom.count("<img") == n_test
+    assert dom.count("<img") == n_test + 3, "a tile per part, and the decision, ROC and PRO pictures"
     from PIL import Image
 
     with Image.open(screenshot) as image:

@@ -201,6 +201,7 @@ def class_metrics(
     aupro_maps: Sequence[np.ndarray],
     pixel_scores: Sequence[np.ndarray],
     seconds: float | None = None,
+    curves: dict | None = None,
 ) -> dict[str, float | int | None]:
     """All metrics of one class's test set, as fractions in [0, 1] (the per-class dict of metrics.json).
 
@@ -214,13 +215,17 @@ def class_metrics(
             it is warm, computed and stored when it is cold; then the method, fusion and normalisation), for
             ``eval_seconds`` and ``eval_samples_per_second``. Not the paper's FPS: ``benchmark.py`` measures that
             (the whole pipeline without cache).
+        curves: a dict that receives ``"pro"``: the exact PRO curve (fprs, pros) behind the AUPRO values (the
+            report draws it).
     """
     metrics: dict[str, float | int | None] = {
         "I-AUROC": image_auroc(labels, image_scores),
         "P-AUROC": pixel_auroc(gts, pixel_scores),
     }
     for num_thresholds in (None, PAPER_NUM_THRESHOLDS):
-        values, _ = calculate_au_pro(gts, aupro_maps, AUPRO_LIMITS, num_thresholds)
+        values, curve = calculate_au_pro(gts, aupro_maps, AUPRO_LIMITS, num_thresholds)
+        if curves is not None and num_thresholds is None:
+            curves["pro"] = curve
         metrics.update({aupro_key(limit, num_thresholds): v for limit, v in zip(AUPRO_LIMITS, values)})
     metrics["n_test"] = len(labels)
     metrics["n_anomalous"] = int(np.sum(labels))
