@@ -28,6 +28,7 @@ def test_demo_passes_weight_files_to_training_and_inference(tmp_path: Path):
     assert extractor["rgb_weights"] == str(rgb) and extractor["pointmae_weights"] == str(pointmae)
     assert sorted(p.name for p in (run / "maps" / "dome").glob("good_*.png"))
     assert (out / "checkpoints" / "tiny" / "dome").is_dir()
+    assert "calibrated threshold" in (run / "report.html").read_text(), "the demo calibrates its run"
 
 
 def test_paper_demo_without_weights_stops_with_a_clear_error(tmp_path: Path, offline_without_weights: Path,
