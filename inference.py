@@ -4,7 +4,7 @@
         [--model_option K=V]
         [--checkpoint_folder ...] [--epochs_no E] [--batch_size B] [--seed 115] [--eval_batch_size 1]
         [--modality rgbxyz|rgb|xyz] [--fusion full|case1..case6|rec_only|map_only|sdf_only|rgb_only]
-        [--results_dir results] [--run_name NAME] [--save_maps] [--eval_resolution input|native]
+        [--results_dir results] [--run_name NAME] [--save_maps] [--save_ply] [--eval_resolution input|native]
         [--preset paper|lite|tiny] [--random_init] [--cache_dir DIR] [--amp] ...
 
 The checkpoints are those of the run folder of (model, modality, seed) under ``--checkpoint_folder``;
@@ -13,7 +13,8 @@ class. ``--eval_batch_size`` sets how many test samples go through the network a
 
 Writes ``<results_dir>/<run_name>/metrics.json`` (configuration, per-class and mean metrics), ``metrics.md`` and
 ``metrics.csv`` (the paper's table layout), ``scores/<class>.csv`` (per-sample image scores and timing) and, with
-``--save_maps``, one PNG panel per test sample under ``maps/<class>/`` (``--save_raw_maps``: the maps as .npy).
+``--save_maps``, one PNG panel per test sample under ``maps/<class>/`` (``--save_raw_maps``: the maps as .npy;
+``--save_ply``: each part's point cloud coloured by its map, ``clouds/<class>/*.ply``), and ``report.html``.
 """
 
 from __future__ import annotations
@@ -34,9 +35,10 @@ from tqdm import tqdm
 from networks.blocks.fusion import FUSION_VARIANTS
 from networks.methods.detector import Detector
 from networks.methods.registry import detector_class, detector_names
-from utils.data.io import InputError, atomic_path, read_mask, write_text_atomic
+from utils.data.io import InputError, atomic_path, read_mask, read_xyz, write_text_atomic
 from utils.data.mvtec3d import make_dataloader, resolve_class_names
 from utils.data.transforms import denormalize_rgb, to_native_resolution
+from utils.evaluation.clouds import write_anomaly_ply
 from utils.evaluation.metrics import PER_DEFECT_KEY, class_metrics, image_auroc_per_defect
 from utils.evaluation.report import ReportBuilder
 from utils.evaluation.results import metrics_markdown, write_results
@@ -58,22 +60,23 @@ logger = logging.getLogger("inference")
 
 def evaluate_class(class_name: str, config: RunConfig, cache: FeatureCache, fusion: str, eval_resolution: str,
                    run_dir: Path, save_maps: bool = False, save_raw_maps: bool = False,
-                   report: ReportBuilder | None = None) -> dict:
-    """Score the test split of one class and return its metrics dict (``report``: collect its parts)."""
+                   report: ReportBuilder | None = None, save_ply: bool = False) -> dict:
+    """Score the test split of one class and return its metrics dict (``report``: collect its parts;
+    ``save_ply``: each part's cloud coloured by its map, utils.evaluation.clouds)."""
     extractor = cache.extractor
     model = config.build_detector(extractor)
     epochs, batch_size = select_run(config.run_dir, class_name, config.epochs_no, config.batch_size)
+    calibration_file = threshold_path(config.run_dir, class_name, epochs, batch_size)
+    calibration = json.loads(calibration_file.read_text()) if calibration_file.is_file() else {}
     if report is not None:
-        calibration = threshold_path(config.run_dir, class_name, epochs, batch_size)
-        report.thresholds[class_name] = (json.loads(calibration.read_text())["threshold"]
-                                         if calibration.is_file() else None)
+        report.thresholds[class_name] = calibration.get("threshold")
     load_modules(model.trainable(), config.run_dir, class_name, epochs, batch_size,
                  expected=model_identity(extractor, model))
     model.eval()
     dataset = open_split(extractor, config.dataset_path, class_name, "test", config.modality)
     device = extractor.device
 
-    records, labels, image_scores, seconds = [], [], [], []
+    records, labels, image_scores, seconds, clouds = [], [], [], [], []
     gts, aupro_maps, pixel_maps, panels = [], [], [], []
     for batch in tqdm(make_dataloader(dataset, config.eval_batch_size), desc=f"{class_name} test", unit="batch",
                       leave=False):
@@ -104,6 +107,12 @@ def evaluate_class(class_name: str, config: RunConfig, cache: FeatureCache, fusi
                 report.add(class_name, f"{record.defect_type}/{record.stem}", record.label, image_scores[-1],
                            denormalize_rgb(batch.rgb[i], dataset.normalization), aupro_map[i],
                            batch.gt[i, 0].numpy() > 0)
+                if batch.xyz is not None:
+                    report.add_cloud(class_name, record.name, image_scores[-1],
+                                     batch.xyz[i].permute(1, 2, 0).numpy(), aupro_map[i])
+            if save_ply and record.xyz_path is not None:  # the part's own cloud, the map at its resolution
+                clouds.append((record, image_scores[-1], to_native_resolution(aupro_map[i],
+                                                                              batch.original_sizes[i])))
             if save_maps:
                 xyz = None if batch.xyz is None else batch.xyz[i].permute(1, 2, 0).numpy()
                 rgb = denormalize_rgb(batch.rgb[i], dataset.normalization)
@@ -127,6 +136,11 @@ def evaluate_class(class_name: str, config: RunConfig, cache: FeatureCache, fusi
     writer.writerow(["sample", "label", "image_score", "seconds"])
     writer.writerows([r.name, l, f"{s:.6g}", f"{t:.4f}"] for r, l, s, t in zip(records, labels, image_scores, seconds))
     write_text_atomic(run_dir / "scores" / f"{class_name}.csv", table.getvalue())
+    if clouds:  # one colour scale per class: the calibration's, else the largest map value
+        scale = float(calibration.get("map_scale") or 0) or max(float(np.max(c[2])) for c in clouds) or 1.0
+        for record, score, heat in clouds:
+            write_anomaly_ply(run_dir / "clouds" / class_name / f"{record.defect_type}_{record.stem}.ply",
+                              read_xyz(record.xyz_path), heat, scale, score, record.name, calibration.get("threshold"))
     if panels:
         scale = max(float(np.max(p[4])) for p in panels) or 1.0  # one scale per class: panels are comparable
         for record, rgb, xyz, gt, heat, score in panels:
@@ -215,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--save_maps", action="store_true", help="write a heatmap panel per test sample")
     parser.add_argument("--save_raw_maps", action="store_true",
                         help="also write each sample's anomaly map as .npy (input for scripts/make_figures.py)")
+    parser.add_argument("--save_ply", action="store_true",
+                        help="write each test part's point cloud coloured by its anomaly map (clouds/<class>/*.ply)")
     parser.add_argument("--eval_resolution", choices=("input", "native"), default="input",
                         help="input: maps and gt at the network size (224, as the paper); native: maps upsampled "
                              "to each image's size and compared with the original gt (official MVTec protocol)")
@@ -235,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         report = ReportBuilder(run_dir)
         for class_name in class_names:
             per_class[class_name] = evaluate_class(class_name, config, cache, args.fusion, args.eval_resolution,
-                                                   run_dir, args.save_maps, args.save_raw_maps, report)
+                                                   run_dir, args.save_maps, args.save_raw_maps, report, args.save_ply)
             logger.info("%s: I-AUROC %.3f  P-AUROC %.3f  AUPRO@30%% %.3f", class_name,
                         per_class[class_name]["I-AUROC"], per_class[class_name]["P-AUROC"],
                         per_class[class_name]["AUPRO@30%"])

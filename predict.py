@@ -1,7 +1,8 @@
 """Score parts with a trained run: single files, folders, or folders being filled (docs/inspecting.md).
 
     python predict.py --checkpoint_folder RUN --class_name C [--rgb FILE|DIR] [--xyz FILE|DIR] [--out DIR]
-        [--watch] [--poll_seconds 1] [--max_parts N] [--epochs_no E] [--batch_size B] [--device auto|cpu|cuda]
+        [--watch] [--poll_seconds 1] [--max_parts N] [--ply] [--epochs_no E] [--batch_size B]
+        [--device auto|cpu|cuda]
     python predict.py --onnx model.onnx [--rgb FILE|DIR] [--xyz FILE|DIR] [--out DIR] [--watch] ...
 
 Everything about the model (method, preset, extractor weights, options, the calibrated threshold of calibrate.py)
@@ -9,7 +10,8 @@ comes from the run folder, or, with ``--onnx``, from a file export.py wrote (run
 folder, no extractor weights). With folders, an image and a cloud with the same file stem are one part (``.png`` /
 ``.jpg`` images, ``.tiff`` clouds). Each part gets one line in ``<out>/results.csv`` and ``<out>/results.jsonl``
 (score, decision, error, seconds) and an overlay ``<out>/overlays/<part>.png`` (the heatmap on the image, scaled
-by the run's calibration so that good parts stay dark); a part already in the results is not scored again, so a
+by the run's calibration so that good parts stay dark), with ``--ply`` its cloud's valid points coloured the same
+way, ``<out>/clouds/<part>.ply`` (utils.evaluation.clouds); a part already in the results is not scored again, so a
 rerun continues and ``--watch`` scores each new part once, when its files have stopped growing. A part that cannot
 be scored gets its error in the results and the next part is served. Without ``--out`` the lines are printed only.
 """
@@ -27,7 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.data.io import InputError, WriteError, read_rgb
+from utils.data.io import InputError, WriteError, read_rgb, read_xyz
+from utils.evaluation.clouds import write_anomaly_ply
 from utils.evaluation.visualization import overlay, save_tiles
 from utils.runs.pipeline import setup_logging
 from utils.station.onnx_model import OnnxPredictor
@@ -70,21 +73,26 @@ def _parse(line: str) -> dict | None:
 class ResultWriter:
     """Appends one line per part to results.csv / results.jsonl and writes its overlay; knows the parts done."""
 
-    def __init__(self, out: Path | None, map_scale: float | None) -> None:
-        self.out, self.map_scale = out, map_scale
+    def __init__(self, out: Path | None, map_scale: float | None, ply: bool = False,
+                 threshold: float | None = None) -> None:
+        self.out, self.map_scale, self.ply, self.threshold = out, map_scale, ply, threshold
         self.done: set[str] = set()
         if out is not None:
             out.mkdir(parents=True, exist_ok=True)
             lines = (out / "results.jsonl").read_text().splitlines() if (out / "results.jsonl").is_file() else []
             self.done = {record["part"] for record in map(_parse, lines) if record}
 
-    def write(self, result: PartResult, image: Path | None) -> None:
+    def write(self, result: PartResult, image: Path | None, cloud: Path | None = None) -> None:
         record = result.record()
         print(json.dumps(record), flush=True)
         if self.out is None:
             return
         if result.anomaly_map is not None and image is not None:
             self._overlay(result, image)
+        if self.ply and result.anomaly_map is not None and cloud is not None:
+            write_anomaly_ply(self.out / "clouds" / f"{result.name}.ply", read_xyz(cloud), result.anomaly_map,
+                              self.map_scale or float(result.anomaly_map.max()) or 1.0, result.score, result.name,
+                              self.threshold)
         csv_path = self.out / "results.csv"
         row = io.StringIO()
         writer = csv.DictWriter(row, fieldnames=CSV_FIELDS, lineterminator="\n")
@@ -168,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--poll_seconds", type=float, default=1.0, help="how often --watch looks for new parts")
     parser.add_argument("--max_parts", type=int, default=0,
                         help="stop after scoring this many parts (0: no limit; --watch runs until Ctrl-C)")
+    parser.add_argument("--ply", action="store_true",
+                        help="also write each part's cloud coloured by its anomaly map (<out>/clouds/<part>.ply)")
     args = parser.parse_args(argv)
     if args.rgb is None and args.xyz is None:
         parser.error("give --rgb and/or --xyz")
@@ -177,12 +187,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--epochs_no and --batch_size pick a run in a checkpoint folder; an --onnx file is one run")
     if args.checkpoint_folder is not None and args.class_name is None:
         parser.error("--checkpoint_folder needs --class_name")
+    if args.ply and args.out is None:
+        parser.error("--ply writes into --out: give --out")
     setup_logging()
     try:
         predictor = load_scorer(args)
         if predictor.threshold is None:
             logger.warning("no calibrated threshold for this run: scores without decisions (run calibrate.py)")
-        writer = ResultWriter(args.out, (predictor.calibration or {}).get("map_scale"))
+        writer = ResultWriter(args.out, (predictor.calibration or {}).get("map_scale"), args.ply, predictor.threshold)
         seen: dict[Path, tuple[int, int]] = {}
         failed: dict[str, dict | None] = {}  # --watch: part → its files' signature when it failed
         scored = 0
@@ -196,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             for name in ready(parts, seen) if args.watch else parts:
                 image, cloud = parts[name]
                 result = score_part(predictor, name, image, cloud)
-                writer.write(result, image)
+                writer.write(result, image, cloud)
                 failed.pop(name, None)
                 if result.error is not None and args.watch:
                     # a file completed or replaced later (a slow copy that paused) is scored again

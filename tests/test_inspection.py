@@ -268,6 +268,62 @@ def test_report_pictures_and_their_numbers_agree_with_the_results(run: Path, syn
                 assert count in page
 
 
+def read_ply(path: Path) -> tuple[list[str], np.ndarray]:
+    """A binary little-endian PLY's header lines and vertices, parsed from its own header."""
+    data = path.read_bytes()
+    end = data.index(b"end_header\n") + len(b"end_header\n")
+    header = data[:end].decode("ascii").splitlines()
+    assert header[0] == "ply" and header[1] == "format binary_little_endian 1.0"
+    types = {"float": "<f4", "uchar": "u1"}
+    fields = [(line.split()[2], types[line.split()[1]]) for line in header if line.startswith("property ")]
+    count = int(next(line.split()[2] for line in header if line.startswith("element vertex ")))
+    vertices = np.frombuffer(data[end:], dtype=np.dtype(fields))
+    assert len(vertices) == count
+    return header, vertices
+
+
+def test_the_defect_on_the_cloud_as_ply(run: Path, synthetic_root: Path, tmp_path: Path):
+    """predict.py --ply: one vertex per valid point of the part's cloud, in raster order, at the cloud's
+    coordinates, its anomaly the predictor's map at that pixel, coloured by the overlays' scale, the part's score on
+    every vertex; inference.py --save_ply: a file per test part."""
+    from utils.evaluation.visualization import colormap
+
+    part = synthetic_root / "dome" / "test" / "crack"
+    stems = sorted(p.stem for p in (part / "rgb").iterdir())[:2]
+    source = tmp_path / "parts"
+    for folder, suffix in (("rgb", ".png"), ("xyz", ".tiff")):
+        (source / folder).mkdir(parents=True)
+        for stem in stems:
+            shutil.copy(part / folder / f"{stem}{suffix}", source / folder)
+    out = tmp_path / "out"
+    assert predict.main(["--checkpoint_folder", str(run), "--class_name", "dome", "--rgb", str(source / "rgb"),
+                         "--xyz", str(source / "xyz"), "--out", str(out), "--ply", "--device", "cpu"]) == 0
+    predictor = Predictor.load(run, "dome", device="cpu")
+    scale = (predictor.calibration or {}).get("map_scale")
+    rows = {r["part"]: r for r in csv.DictReader((out / "results.csv").open())}
+    for stem in stems:
+        header, vertices = read_ply(out / "clouds" / f"{stem}.ply")
+        cloud = read_xyz(source / "xyz" / f"{stem}.tiff")
+        valid = ~(cloud == 0).all(axis=-1)
+        result = predictor(rgb=source / "rgb" / f"{stem}.png", xyz=source / "xyz" / f"{stem}.tiff")
+        assert len(vertices) == valid.sum() and f"comment part {stem}" in header
+        for axis, field in enumerate("xyz"):
+            assert np.array_equal(vertices[field], cloud[..., axis][valid].astype(np.float32))
+        assert np.allclose(vertices["anomaly"], result.anomaly_map[valid], rtol=1e-5, atol=1e-6)
+        colours = colormap(np.clip(result.anomaly_map[valid] / (scale or result.anomaly_map.max()), 0, 1))
+        assert (np.abs(np.stack([vertices["red"], vertices["green"], vertices["blue"]], 1).astype(int)
+                       - colours.astype(int)) <= 1).all()
+        assert np.allclose(vertices["score"], float(rows[stem]["score"]), rtol=1e-4)
+    results = tmp_path / "results"
+    assert inference.main(["--dataset_path", str(synthetic_root), "--class_names", "dome", "--checkpoint_folder",
+                           str(run), "--cache_dir", "none", "--device", "cpu", "--results_dir", str(results),
+                           "--run_name", "r", "--save_ply"]) == 0
+    written = sorted(p.stem for p in (results / "r" / "clouds" / "dome").glob("*.ply"))
+    expected = sorted(f"{p.parent.parent.name}_{p.stem}" for p in (synthetic_root / "dome" / "test").glob("*/xyz/*"))
+    assert written == expected
+    assert len(list((results / "r" / "report" / "dome").glob("*_cloud.png"))) == 4
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is needed (apt-get install chromium)")
 def test_report_renders_in_headless_chromium(run: Path, synthetic_root: Path, tmp_path: Path):
     if not threshold_path(run, "dome", 1, 1).is_file():
@@ -291,7 +347,7 @@ def test_report_renders_in_headless_chromium(run: Path, synthetic_root: Path, tm
     threshold = json.loads(threshold_path(run, "dome", 1, 1).read_text())["threshold"]
     assert all(row[4] == ("anomalous" if float(row[3]) > threshold else "good") for row in rows)
     assert "I-AUROC" in dom and f"threshold {threshold:.4g}" in dom
-    assert dom.count("<img") == n_test + 3, "a tile per part, and the decision, ROC and PRO pictures"
+    assert dom.count("<img") == n_test + 3 + 4, "a tile per part, the decision, ROC and PRO pictures, 4 clouds"
     from PIL import Image
 
     with Image.open(screenshot) as image:

@@ -20,11 +20,13 @@ from PIL import Image
 
 from utils.data.io import write_text_atomic
 from utils.evaluation import figures
+from utils.evaluation.clouds import render_views
 from utils.evaluation.metrics import threshold_decisions
 from utils.evaluation.results import metrics_table, per_defect_table
 from utils.evaluation.visualization import overlay, save_tiles, with_contour
 
 THUMBNAIL = 160  # pixels per tile side in the report
+WORST_ON_THE_CLOUD = 4  # the highest-scoring parts of a class rendered on their point cloud
 
 
 @dataclass
@@ -47,6 +49,15 @@ class ReportBuilder:
         self.thresholds: dict[str, float | None] = {}  # the run's calibrated thresholds (None: not calibrated)
         self.suggested: dict[str, tuple[float, int]] = {}  # without one: calibrate.py's pick, from n good parts
         self.curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # the exact PRO curve of each class
+        self.clouds: dict[str, list[tuple[float, str, np.ndarray, np.ndarray]]] = {}  # the worst parts' clouds
+
+    def add_cloud(self, class_name: str, name: str, score: float, xyz: np.ndarray, heat: np.ndarray) -> None:
+        """A part's organised cloud (S, S, 3) and map (S, S) at the network size, kept while it is among the
+        class's :data:`WORST_ON_THE_CLOUD` highest scores."""
+        kept = self.clouds.setdefault(class_name, [])
+        kept.append((score, name, xyz.astype(np.float32), heat.astype(np.float32)))
+        kept.sort(key=lambda entry: -entry[0])
+        del kept[WORST_ON_THE_CLOUD:]
 
     def threshold(self, class_name: str) -> tuple[float | None, str]:
         """The class's threshold and where it comes from, in words."""
@@ -87,6 +98,7 @@ class ReportBuilder:
                 decision = "" if threshold is None else ("anomalous" if part.score > threshold else "good")
                 rows.append((rank, part, tile, decision))
             decision_html = self._decision(class_name, parts, threshold, per_class.get(class_name, {}))
+            decision_html += self._worst_on_the_cloud(class_name, scale)
             sections.append((class_name, source, decision_html, rows))
         write_text_atomic(self.run_dir / "report.html", _page(title, per_class, sections))
         return self.run_dir / "report.html"
@@ -120,6 +132,20 @@ class ReportBuilder:
                                         "pro"))
         tables = "" if threshold is None else _confusion(rates) + _per_defect(parts, threshold)
         return "<div class='figures'>" + "".join(figures_html) + "</div>" + tables
+
+
+    def _worst_on_the_cloud(self, class_name: str, scale: float) -> str:
+        """The class's highest-scoring parts rendered on their clouds (sensor's view, oblique view), as HTML."""
+        if not self.clouds.get(class_name):
+            return ""
+        items = []
+        for score, name, xyz, heat in self.clouds[class_name]:
+            tile = Path("report") / class_name / f"{name.replace('/', '_')}_cloud.png"
+            save_tiles(self.run_dir / tile, [list(render_views(xyz, heat, scale, THUMBNAIL * 2))],
+                       ["sensor's view", "oblique view"])
+            items.append(_figure(tile, f"{name}: score {score:.4g}", "cloud"))
+        return ("<h3>The highest-scoring parts on their point clouds</h3><div class='figures'>" + "".join(items)
+                + "</div>")
 
 
 def _percent(value: float | None) -> str:
