@@ -250,6 +250,11 @@ def main(argv: list[str] | None = None) -> int:
         per_class = {}
         report = ReportBuilder(run_dir)
         for class_name in class_names:
+            if not (config.dataset_path / class_name / "test").is_dir():
+                logger.warning("%s: no test split (%s): nothing to measure; the run scores parts with predict.py and "
+                               "gets its threshold from calibrate.py", class_name,
+                               config.dataset_path / class_name / "test")
+                continue
             per_class[class_name] = evaluate_class(class_name, config, cache, args.fusion, args.eval_resolution,
                                                    run_dir, args.save_maps, args.save_raw_maps, report, args.save_ply)
             logger.info("%s: I-AUROC %.3f  P-AUROC %.3f  AUPRO@30%% %.3f", class_name,
@@ -258,8 +263,11 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as err:  # the user's data, files or settings; anything else is a bug: traceback
         logger.error("%s", err)
         return 1
+    if not per_class:
+        logger.warning("no class with a test split: no metrics written")
+        return 0
     run_config = {**config.to_dict(), "fusion": args.fusion, "eval_resolution": args.eval_resolution,
-                  "class_names": class_names, "extractor": extractor.metadata, "versions": versions()}
+                  "class_names": list(per_class), "extractor": extractor.metadata, "versions": versions()}
     write_results(run_dir, run_config, per_class)
     print(metrics_markdown(per_class))
     title = f"{run_dir.name}: {config.model} {config.modality} {args.fusion}, preset {config.preset}"

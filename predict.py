@@ -8,7 +8,8 @@
 Everything about the model (method, preset, extractor weights, options, the calibrated threshold of calibrate.py)
 comes from the run folder, or, with ``--onnx``, from a file export.py wrote (run in onnxruntime: no checkpoint
 folder, no extractor weights). With folders, an image and a cloud with the same file stem are one part (``.png`` /
-``.jpg`` images, ``.tiff`` clouds). Each part gets one line in ``<out>/results.csv`` and ``<out>/results.jsonl``
+``.jpg`` images; clouds organised H × W × 3 as ``.tiff`` (MVTec 3D-AD), ``.npy``, ``.pcd`` or ``.ply``:
+utils.data.io.read_xyz). Each part gets one line in ``<out>/results.csv`` and ``<out>/results.jsonl``
 (score, decision, error, seconds) and an overlay ``<out>/overlays/<part>.png`` (the heatmap on the image, scaled
 by the run's calibration so that good parts stay dark), with ``--ply`` its cloud's valid points coloured the same
 way, ``<out>/clouds/<part>.ply`` (utils.evaluation.clouds); a part already in the results is not scored again, so a
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.data.io import InputError, WriteError, read_rgb, read_xyz
+from utils.data.io import CLOUD_SUFFIXES, InputError, WriteError, read_rgb, read_xyz
 from utils.evaluation.clouds import write_anomaly_ply
 from utils.evaluation.visualization import overlay, save_tiles
 from utils.runs.pipeline import setup_logging
@@ -39,7 +40,6 @@ from utils.station.predictor import PartResult, PartScorer, Predictor, add_run_a
 logger = logging.getLogger("predict")
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-CLOUD_SUFFIXES = (".tiff", ".tif")
 CSV_FIELDS = ("part", "score", "decision", "error", "seconds")
 
 
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--onnx", type=Path, help="a file export.py wrote, instead of --checkpoint_folder")
     parser.add_argument("--class_name", help="the run's class (with --onnx: the file's, checked when given)")
     parser.add_argument("--rgb", type=Path, help="an image file or a folder of images")
-    parser.add_argument("--xyz", type=Path, help="a cloud file (.tiff) or a folder of clouds")
+    parser.add_argument("--xyz", type=Path, help="a cloud file (.tiff, .npy, .pcd, .ply: organised) or a folder of clouds")
     parser.add_argument("--out", type=Path, help="folder for results.csv, results.jsonl and overlays/")
     parser.add_argument("--watch", action="store_true", help="keep scoring new parts that appear (Ctrl-C stops)")
     parser.add_argument("--poll_seconds", type=float, default=1.0, help="how often --watch looks for new parts")

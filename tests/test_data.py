@@ -104,6 +104,73 @@ def test_non_finite_coordinates_become_invalid(tmp_path: Path):
     assert (cloud != 0).all(axis=-1).sum() == 18
 
 
+def _organised_cloud() -> np.ndarray:
+    rng = np.random.default_rng(8)
+    xyz = rng.normal(size=(3, 4, 3)).astype(np.float32)
+    xyz[1, 2] = 0  # a missing point
+    xyz[0, 3] = np.nan  # another, as PCL marks them
+    return xyz
+
+
+def _pcd(xyz: np.ndarray, encoding: str) -> bytes:
+    height, width = xyz.shape[:2]
+    header = (f"# .PCD v0.7\nVERSION 0.7\nFIELDS x y z rgb\nSIZE 4 4 4 4\nTYPE F F F U\nCOUNT 1 1 1 1\n"
+              f"WIDTH {width}\nHEIGHT {height}\nVIEWPOINT 0 0 0 1 0 0 0\nPOINTS {width * height}\nDATA {encoding}\n")
+    points = xyz.reshape(-1, 3)
+    if encoding == "ascii":
+        body = "".join(f"{x!r} {y!r} {z!r} 4278190080\n" for x, y, z in points.astype(float).tolist())
+        return (header + body).encode()
+    rows = np.zeros(len(points), dtype=[("x", "<f4"), ("y", "<f4"), ("z", "<f4"), ("rgb", "<u4")])
+    rows["x"], rows["y"], rows["z"] = points.T
+    return header.encode() + rows.tobytes()
+
+
+def _ply(xyz: np.ndarray, encoding: str, organised: bool = True) -> bytes:
+    height, width = xyz.shape[:2]
+    info = f"obj_info num_cols {width}\nobj_info num_rows {height}\n" if organised else ""
+    header = (f"ply\nformat {encoding} 1.0\ncomment written by the test\n{info}element vertex {width * height}\n"
+              "property float x\nproperty float y\nproperty float z\nproperty uchar red\nend_header\n")
+    points = xyz.reshape(-1, 3)
+    if encoding == "ascii":
+        return (header + "".join(f"{x!r} {y!r} {z!r} 7\n" for x, y, z in points.astype(float).tolist())).encode()
+    rows = np.zeros(len(points), dtype=[("x", "<f4"), ("y", "<f4"), ("z", "<f4"), ("red", "u1")])
+    rows["x"], rows["y"], rows["z"] = points.T
+    return header.encode() + rows.tobytes()
+
+
+@pytest.mark.parametrize("kind", ["npy", "pcd ascii", "pcd binary", "ply ascii", "ply binary_little_endian"])
+def test_organised_clouds_in_every_format_read_the_same(tmp_path: Path, kind: str):
+    """.npy, PCD (HEIGHT > 1) and PLY with PCL's obj_info rows / columns, written here byte by byte, read back as
+    the (H, W, 3) cloud, missing points (0, 0, 0), as the MVTec TIFF does."""
+    xyz = _organised_cloud()
+    expected = np.where(np.isfinite(xyz).all(-1, keepdims=True), xyz, 0)
+    suffix, _, encoding = kind.partition(" ")
+    path = tmp_path / f"cloud.{suffix}"
+    if suffix == "npy":
+        np.save(path, xyz)
+    else:
+        path.write_bytes(_pcd(xyz, encoding) if suffix == "pcd" else _ply(xyz, encoding))
+    np.testing.assert_array_equal(read_xyz(path), expected)
+    tifffile.imwrite(tmp_path / "cloud.tiff", xyz, photometric="rgb")
+    np.testing.assert_array_equal(read_xyz(tmp_path / "cloud.tiff"), read_xyz(path))
+
+
+def test_unorganised_or_foreign_clouds_are_refused_with_the_reason(tmp_path: Path):
+    xyz = _organised_cloud()
+    (tmp_path / "flat.ply").write_bytes(_ply(xyz, "ascii", organised=False))
+    with pytest.raises(DatasetError, match="flat.ply: a PLY without obj_info"):
+        read_xyz(tmp_path / "flat.ply")
+    (tmp_path / "flat.pcd").write_bytes(_pcd(xyz.reshape(1, -1, 3), "ascii"))
+    with pytest.raises(DatasetError, match="unorganised PCD"):
+        read_xyz(tmp_path / "flat.pcd")
+    (tmp_path / "cut.pcd").write_bytes(_pcd(xyz, "binary")[:-5])
+    with pytest.raises(DatasetError, match="cut.pcd: truncated"):
+        read_xyz(tmp_path / "cut.pcd")
+    (tmp_path / "c.xyz").write_text("1 2 3\n")
+    with pytest.raises(DatasetError, match="not a point cloud file"):
+        read_xyz(tmp_path / "c.xyz")
+
+
 # --- datasets --------------------------------------------------------------------------------------------------------
 
 def test_discovery_pairs_by_stem_and_sorts(synthetic_root: Path, synthetic_config: SyntheticConfig):

@@ -67,8 +67,15 @@ def read_mask(path: str | Path) -> np.ndarray:
     return array > 0
 
 
+# Organised point clouds (H × W × 3): MVTec 3D-AD's float TIFF; numpy arrays; PCD with HEIGHT > 1 (PCL's organised
+# clouds); PLY with PCL's ``obj_info num_cols / num_rows`` (an organised cloud written by PCL). Missing points are
+# (0, 0, 0) or non-finite.
+CLOUD_SUFFIXES = (".tiff", ".tif", ".npy", ".pcd", ".ply")
+
+
 def read_xyz(path: str | Path) -> np.ndarray:
-    """Read an organized point cloud stored as a (H, W, 3) floating-point tiff in metres.
+    """Read an organized point cloud (H, W, 3) in the sensor's units (MVTec 3D-AD: metres) from any of
+    :data:`CLOUD_SUFFIXES`.
 
     Pixels with a non-finite coordinate (NaN or inf) are invalid and set to (0, 0, 0),
     the dataset's marker for "no measurement".
@@ -77,14 +84,13 @@ def read_xyz(path: str | Path) -> np.ndarray:
         float32 array of shape (H, W, 3).
     """
     path = Path(path)
-    try:
-        array = tifffile.imread(path)
-    except FileNotFoundError:
-        raise DatasetError(f"{path}: file not found") from None
-    except Exception as err:  # tifffile raises a variety of types for corrupt files
-        raise DatasetError(f"{path}: unreadable or truncated tiff ({type(err).__name__}: {err})") from None
-    if array.size == 0:  # e.g. a file cut right after its 8-byte header: tifffile finds no page and returns (0,)
-        raise DatasetError(f"{path}: unreadable or truncated tiff (no image data)")
+    suffix = path.suffix.lower()
+    if suffix not in CLOUD_SUFFIXES:
+        raise DatasetError(f"{path}: not a point cloud file (expected one of {', '.join(CLOUD_SUFFIXES)})")
+    if not path.is_file():
+        raise DatasetError(f"{path}: file not found")
+    readers = {".npy": _read_npy, ".pcd": _read_pcd, ".ply": _read_ply}
+    array = readers.get(suffix, _read_tiff)(path)
     if array.ndim != 3 or array.shape[-1] != 3:
         hint = " (channels first? expected channels last)" if array.ndim == 3 and array.shape[0] == 3 else ""
         raise DatasetError(
@@ -101,6 +107,105 @@ def read_xyz(path: str | Path) -> np.ndarray:
         logger.debug("%s: %d pixels with NaN/inf coordinates treated as invalid", path, int(non_finite.sum()))
         array[non_finite] = 0.0
     return array
+
+
+def _read_tiff(path: Path) -> np.ndarray:
+    try:
+        array = tifffile.imread(path)
+    except Exception as err:  # tifffile raises a variety of types for corrupt files
+        raise DatasetError(f"{path}: unreadable or truncated tiff ({type(err).__name__}: {err})") from None
+    if array.size == 0:  # e.g. a file cut right after its 8-byte header: tifffile finds no page and returns (0,)
+        raise DatasetError(f"{path}: unreadable or truncated tiff (no image data)")
+    return array
+
+
+def _read_npy(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except Exception as err:  # a truncated or pickled file
+        raise DatasetError(f"{path}: unreadable .npy ({type(err).__name__}: {err})") from None
+
+
+def _header(path: Path, data: bytes, end_marker: bytes, what: str) -> tuple[list[list[str]], int]:
+    """The header's lines (split into words) up to and including ``end_marker``'s line, and where the data starts."""
+    end = data.find(end_marker)
+    if end < 0:
+        raise DatasetError(f"{path}: not a {what} file (no '{end_marker.decode().strip()}' line)")
+    start = data.index(b"\n", end) + 1
+    return [line.split() for line in data[:start].decode("ascii", "replace").splitlines() if line.strip()], start
+
+
+def _read_pcd(path: Path) -> np.ndarray:
+    """PCD (ascii or binary) with fields x, y, z among others and HEIGHT > 1 (organised)."""
+    data = path.read_bytes()
+    lines, start = _header(path, data, b"DATA ", "PCD")
+    header = {words[0].upper(): words[1:] for words in lines if not words[0].startswith("#")}
+    try:
+        fields, sizes, types = header["FIELDS"], [int(v) for v in header["SIZE"]], header["TYPE"]
+        counts = [int(v) for v in header.get("COUNT", ["1"] * len(fields))]
+        width, height, encoding = int(header["WIDTH"][0]), int(header["HEIGHT"][0]), header["DATA"][0]
+    except (KeyError, ValueError, IndexError) as err:
+        raise DatasetError(f"{path}: malformed PCD header ({err})") from None
+    if height <= 1:
+        raise DatasetError(f"{path}: an unorganised PCD cloud (HEIGHT {height}); the detectors need the organised "
+                           "H × W layout of the sensor (save it with its WIDTH and HEIGHT)")
+    if not {"x", "y", "z"} <= set(fields):
+        raise DatasetError(f"{path}: PCD without x, y, z fields ({' '.join(fields)})")
+    kinds = {("F", 4): "<f4", ("F", 8): "<f8", ("U", 1): "u1", ("U", 2): "<u2", ("U", 4): "<u4", ("I", 1): "i1",
+             ("I", 2): "<i2", ("I", 4): "<i4"}
+    dtype = np.dtype([(f"{name}_{k}", kinds[(kind, size)]) for name, kind, size, count in
+                      zip(fields, types, sizes, counts) for k in range(count)])
+    if encoding == "ascii":
+        values = np.loadtxt(io.StringIO(data[start:].decode("ascii")), dtype=np.float64, ndmin=2)
+        columns = {name: values[:, i] for i, name in enumerate(dtype.names)}
+    elif encoding == "binary":
+        if len(data) - start < dtype.itemsize * width * height:
+            raise DatasetError(f"{path}: truncated PCD data ({len(data) - start} bytes for {width} × {height} points)")
+        columns = np.frombuffer(data, dtype=dtype, count=width * height, offset=start)
+    else:
+        raise DatasetError(f"{path}: PCD DATA {encoding} is not supported: save it as ascii or binary")
+    if len(columns["x_0"]) != width * height:
+        raise DatasetError(f"{path}: {len(columns['x_0'])} points for WIDTH {width} × HEIGHT {height}")
+    return np.stack([np.asarray(columns[f"{a}_0"], dtype=np.float64) for a in "xyz"], -1).reshape(height, width, 3)
+
+
+def _read_ply(path: Path) -> np.ndarray:
+    """PLY (ascii or binary little-endian) whose vertices are an organised cloud: PCL writes ``obj_info num_cols W``
+    and ``obj_info num_rows H`` for one."""
+    data = path.read_bytes()
+    lines, start = _header(path, data, b"end_header", "PLY")
+    info = {words[1]: words[2] for words in lines if words[0] == "obj_info" and len(words) > 2}
+    if "num_cols" not in info or "num_rows" not in info:
+        raise DatasetError(f"{path}: a PLY without obj_info num_cols / num_rows is an unorganised cloud; the "
+                           "detectors need the sensor's H × W layout (save it organised, e.g. as .npy or .pcd)")
+    width, height = int(info["num_cols"]), int(info["num_rows"])
+    encoding = next((words[1] for words in lines if words[0] == "format"), "")
+    kinds = {"float": "<f4", "float32": "<f4", "double": "<f8", "float64": "<f8", "uchar": "u1", "uint8": "u1",
+             "char": "i1", "int8": "i1", "ushort": "<u2", "uint16": "<u2", "short": "<i2", "int16": "<i2",
+             "uint": "<u4", "uint32": "<u4", "int": "<i4", "int32": "<i4"}
+    properties, in_vertex = [], False
+    for words in lines:
+        if words[0] == "element":
+            in_vertex = words[1] == "vertex"
+        elif words[0] == "property" and in_vertex:
+            if words[1] == "list" or words[1] not in kinds:
+                raise DatasetError(f"{path}: vertex property {' '.join(words[1:])} is not supported")
+            properties.append((words[2], kinds[words[1]]))
+    dtype = np.dtype(properties)
+    count = width * height
+    if encoding == "ascii":
+        values = np.loadtxt(io.StringIO(data[start:].decode("ascii")), dtype=np.float64, ndmin=2, max_rows=count)
+        columns = {name: values[:, i] for i, name in enumerate(dtype.names)}
+    elif encoding == "binary_little_endian":
+        if len(data) - start < dtype.itemsize * count:
+            raise DatasetError(f"{path}: truncated PLY data ({len(data) - start} bytes for {width} × {height} points)")
+        columns = np.frombuffer(data, dtype=dtype, count=count, offset=start)
+    else:
+        raise DatasetError(f"{path}: PLY format {encoding} is not supported: save it as ascii or "
+                           "binary_little_endian")
+    if not {"x", "y", "z"} <= set(dtype.names) or len(columns["x"]) != count:
+        raise DatasetError(f"{path}: expected x, y, z for {width} × {height} vertices")
+    return np.stack([np.asarray(columns[a], dtype=np.float64) for a in "xyz"], -1).reshape(height, width, 3)
 
 
 

@@ -31,7 +31,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from utils.data.io import DatasetError, read_mask, read_rgb, read_xyz
+from utils.data.io import CLOUD_SUFFIXES, DatasetError, read_mask, read_rgb, read_xyz
 from utils.data.synthetic import MARKER_FILE as SYNTHETIC_MARKER
 from utils.data.transforms import IMAGENET, Normalization, mask_to_tensor, rgb_to_tensor, xyz_to_tensor
 from utils.logs import setup_logging
@@ -44,9 +44,11 @@ MVTEC3D_CLASSES = (
 SPLITS = ("train", "validation", "test")
 GOOD = "good"
 RGB_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
-XYZ_SUFFIXES = (".tiff", ".tif")
+XYZ_SUFFIXES = CLOUD_SUFFIXES  # every organised-cloud format read_xyz reads
 GT_SUFFIXES = (".png",)
 PREPROCESSED_MARKER = "preprocessed.json"
+# written by scripts/prepare_parts.py: a user's own parts, whose defective examples may come without masks
+PARTS_MARKER = "prepared_parts.json"
 """Written by processing/preprocess_mvtec.py into a background-removed dataset."""
 
 XyzPolicy = Literal["required", "optional", "ignored"]
@@ -241,9 +243,13 @@ def discover_samples(
         gt_files: dict[str, Path] = {}
         if split == "test" and ((defect_dir / "gt").is_dir() or defect != GOOD):
             if not (defect_dir / "gt").is_dir():
-                raise DatasetError(f"{defect_dir}: gt/ folder missing (test defects need ground-truth masks)")
-            gt_files = _files_by_stem(defect_dir / "gt", GT_SUFFIXES)
-            _pair(rgb, gt_files, defect_dir / "gt", "gt")
+                if not (Path(root) / PARTS_MARKER).is_file():
+                    raise DatasetError(f"{defect_dir}: gt/ folder missing (test defects need ground-truth masks)")
+                logger.warning("%s: no ground-truth masks: the pixel metrics (P-AUROC, AUPRO) are undefined for "
+                               "this class, the image metrics are not", defect_dir)
+            else:
+                gt_files = _files_by_stem(defect_dir / "gt", GT_SUFFIXES)
+                _pair(rgb, gt_files, defect_dir / "gt", "gt")
         records += [
             SampleRecord(class_name, split, defect, stem, path, xyz_files.get(stem), gt_files.get(stem))
             for stem, path in sorted(rgb.items())
