@@ -40,8 +40,8 @@ from networks.methods.registry import build_detector
 from utils.data.io import InputError
 from utils.data.mvtec3d import MVTec3DDataset, make_dataloader
 from utils.runs.checkpoints import (
-    CheckpointError, check_compatible, load_resume_state, module_path, read_sidecar, resume_path, save_modules,
-    save_resume_state, sidecar_path, versions,
+    CheckpointError, check_compatible, load_resume_state, module_path, read_sidecar, read_writing_note, resume_path,
+    save_modules, save_resume_state, sidecar_path, versions, writing_path,
 )
 from utils.runs.feature_cache import FeatureCache
 from utils.runs.pipeline import (
@@ -156,6 +156,9 @@ def _rng_states() -> tuple[torch.Tensor, list | None]:
 def claim_run_folder(args: tuple, identity: dict, modules: list[str]) -> bool:
     """Whether the finished run in the folder is this very run; an error when the files belong to another.
 
+    Module files without a sidecar are this run's own when its writing note says so (it was stopped while it wrote
+    them, :func:`utils.runs.checkpoints.save_modules`); otherwise someone else's.
+
     Raises:
         CheckpointError: the folder holds a finished run with another identity, or module files of this name
             without a sidecar (e.g. the authors' checkpoints), which training would overwrite.
@@ -165,6 +168,10 @@ def claim_run_folder(args: tuple, identity: dict, modules: list[str]) -> bool:
         check_compatible(sidecar, identity, sidecar_path(*args))
         return True
     foreign = [p for p in (module_path(args[0], args[1], m, *args[2:]) for m in modules) if p.is_file()]
+    note = read_writing_note(*args) if foreign else None
+    if note is not None:
+        check_compatible(note, identity, writing_path(*args))
+        return False  # this very run, stopped while it wrote its checkpoints: its own files, written again
     if foreign:
         raise CheckpointError(f"{foreign[0].parent} holds checkpoints without a sidecar ({foreign[0].name}, e.g. "
                               "the authors' files): training would overwrite them. Train into another "

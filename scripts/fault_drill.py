@@ -61,13 +61,17 @@ class Size:
     n_test: int
     epochs: int
     bulk: int  # parts dropped into the watched folder at once
+    soak: int  # parts fed to the watched folder one after another
+    soak_rate: float  # parts a second
 
     @property
     def train_args(self) -> list[str]:
         return ["--class_name", CLASS, "--preset", "lite", "--epochs_no", str(self.epochs), "--device", "cpu"]
 
 
-SIZES = {"full": Size(n_train=8, n_test=12, epochs=6, bulk=200), "smallest": Size(4, 6, 4, 20)}
+SIZES = {"full": Size(n_train=8, n_test=12, epochs=6, bulk=200, soak=3000, soak_rate=10.0),
+         "smallest": Size(4, 6, 4, 20, 300, 10.0)}
+SOAK_SLOPE_LIMIT = 10.0  # MB per 1000 parts: below it a line can run for weeks
 
 
 def command(script: str, *args: str) -> list[str]:
@@ -243,6 +247,62 @@ def watcher_faults(work: Path, run_dir: Path, dataset: Path, size: Size, rng: ra
     return rows
 
 
+def resident_megabytes(pid: int) -> float | None:
+    """The resident memory of a process (Linux /proc), or None where that cannot be read."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    match = re.search(r"VmRSS:\s+(\d+) kB", text)
+    return int(match[1]) / 1024 if match else None
+
+
+def soak_fault(work: Path, run_dir: Path, dataset: Path, size: Size) -> list[Row]:
+    """predict.py --watch fed ``size.soak`` small parts, ``size.soak_rate`` a second, its resident memory sampled:
+    one result row per part (none lost or duplicated), every overlay written, memory flat after the warm-up (the
+    slope of a line fitted to the samples after the first fifth of the parts)."""
+    test = sorted((dataset / CLASS / "test").glob("*/rgb/*.png"))
+    source = [(p, p.parent.parent / "xyz" / f"{p.stem}.tiff") for p in test]
+    watcher = Watcher(work / "soak", run_dir)
+    names = [f"soak{k:05d}" for k in range(size.soak)]
+    samples: list[tuple[int, float]] = []  # (parts scored, resident MB)
+    fed, start = 0, time.monotonic()
+    while time.monotonic() - start < 60 + size.soak:  # a generous bound: the soak takes minutes at full size
+        due = min(size.soak, int((time.monotonic() - start) * size.soak_rate) + 1)
+        for name in names[fed:due]:
+            image, cloud = source[fed % len(source)]
+            shutil.copy(cloud, watcher.inbox / "xyz" / f"{name}.tiff")
+            shutil.copy(image, watcher.inbox / "rgb" / f"{name}.png")
+            fed += 1
+        path = watcher.out / "results.jsonl"
+        done = sum(1 for _ in path.open()) if path.is_file() else 0
+        if (memory := resident_megabytes(watcher.process.pid)) is not None:
+            samples.append((done, memory))
+        if done >= size.soak or not watcher.alive():
+            break
+        time.sleep(0.5)
+    minutes = (time.monotonic() - start) / 60
+    status = watcher.stop()
+    rows = watcher.rows()
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row["part"]] = counts.get(row["part"], 0) + 1
+    complete = set(counts) == set(names) and set(counts.values()) == {1} and all(r["score"] is not None for r in rows)
+    overlays = len(list((watcher.out / "overlays").glob("soak*.png")))
+    after_warm_up = [(n, mb) for n, mb in samples if n >= size.soak // 5]
+    if len(after_warm_up) >= 3:
+        slope = float(np.polyfit([n for n, _ in after_warm_up], [mb for _, mb in after_warm_up], 1)[0]) * 1000
+        peak = max(mb for _, mb in samples)
+        memory = f"resident memory {after_warm_up[0][1]:.0f} MB after the warm-up, peak {peak:.0f} MB, slope " \
+                 f"{slope:+.1f} MB per 1000 parts"
+        flat = slope < SOAK_SLOPE_LIMIT
+    else:
+        memory, flat = "resident memory not sampled (no /proc)", True
+    return [Row("watch: a soak", f"{size.soak} parts fed {size.soak_rate} a second for {minutes:.1f} min",
+                f"{len(rows)} result rows, {overlays} overlays; {memory}; exit {status}",
+                complete and overlays == size.soak, complete and overlays == size.soak and flat and status == 0)]
+
+
 # --- 2. train.py killed ----------------------------------------------------------------------------------------------
 
 
@@ -271,6 +331,60 @@ def kill_faults(work: Path, dataset: Path, size: Size, rng: random.Random, refer
     return [Row("train.py killed 5 ×", f"SIGKILL at random moments ({', '.join(phases)}), then --resume",
                 f"resumed each time; final weights {'equal' if equal else 'DIFFER from'} an uninterrupted run's, "
                 "bit for bit", equal, equal)]
+
+
+# A train.py that SIGKILLs itself inside its ``target``-th write of a ``kind`` of checkpoint file (``resume``: the
+# training state, ``module``: a trained module): half the bytes in the temporary file, then the kill (a hook on the
+# write, not a random moment).
+KILL_IN_WRITE = """
+import io, os, signal, sys
+import torch
+import utils.data.io as files
+from utils.runs import checkpoints
+kind, target = sys.argv[1], int(sys.argv[2])
+seen = 0
+original = checkpoints.save_torch_atomic
+def killing_save(path, obj):
+    global seen
+    if os.path.basename(str(path)).startswith("resume_") == (kind == "resume"):
+        seen += 1
+        if seen == target:
+            buffer = io.BytesIO()
+            torch.save(obj, buffer)
+            with files.atomic_path(path) as tmp:
+                with open(tmp, "wb") as handle:
+                    handle.write(buffer.getbuffer()[: len(buffer.getbuffer()) // 2])
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                os.kill(os.getpid(), signal.SIGKILL)
+    return original(path, obj)
+checkpoints.save_torch_atomic = killing_save
+import train
+sys.argv = ["train.py", *sys.argv[3:]]
+sys.exit(train.main())
+"""
+
+
+def kill_in_write_faults(work: Path, dataset: Path, size: Size, reference: Path) -> list[Row]:
+    """SIGKILL train.py inside a checkpoint write, on a hook: once in the second resume-state write, once in the
+    second module file of the final checkpoints; each time --resume, and the final weights against ``reference``."""
+    rows = []
+    for what, kind, target in (("the resume state of epoch 2", "resume", 2),
+                               ("the final checkpoints (second module file)", "module", 2)):
+        savepath = work / f"killed_in_write_{kind}"
+        args = ["--dataset_path", str(dataset), *size.train_args, "--cache_dir", str(work / "reference_cache"),
+                "--checkpoint_savepath", str(savepath), "--resume"]
+        log = work / f"{savepath.name}.log"
+        killed = run([sys.executable, "-c", KILL_IN_WRITE, kind, str(target), *args], log)
+        leftovers = sorted(p.name for p in (savepath / CLASS).glob(".*.tmp"))
+        status = run(command("train.py", *args), log)
+        equal = status == 0 and same_weights(savepath, reference)
+        rows.append(Row(f"train.py killed inside a write of {what}", f"SIGKILL with half the file written "
+                        f"(exit {killed}), then --resume",
+                        f"resumed (exit {status}); final weights {'equal' if equal else 'DIFFER from'} an "
+                        f"uninterrupted run's, bit for bit; the half-written file was the temporary one "
+                        f"({len(leftovers)} left behind, ignored)", equal, equal and killed == -signal.SIGKILL))
+    return rows
 
 
 # --- 3. one cache, two processes --------------------------------------------------------------------------------
@@ -429,8 +543,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"the reference run failed: {work / 'reference.log'}")
         return 1
     duration = time.monotonic() - start
-    rows = [*watcher_faults(work, reference, dataset, size, rng),
+    rows = [*watcher_faults(work, reference, dataset, size, rng), *soak_fault(work, reference, dataset, size),
             *kill_faults(work, dataset, size, rng, reference, duration),
+            *kill_in_write_faults(work, dataset, size, reference),
             *shared_cache_fault(work, dataset, size), *write_faults(work, reference, dataset, size),
             *checkpoint_faults(work, reference, dataset, size)]
     print("| fault | what was done | what the program did | lost or corrupted | recovered without manual steps |")

@@ -125,12 +125,31 @@ def versions() -> dict[str, str]:
 
 def save_modules(modules: Mapping[str, nn.Module], savepath: str | Path, class_name: str, epochs: int,
                  batch_size: int, sidecar: Mapping[str, Any]) -> None:
-    """Write every module's state dict, then the sidecar, each atomically."""
+    """Write every module's state dict, then the sidecar, each atomically. A note of the writing run's identity
+    (:func:`writing_path`) stands beside them until the sidecar is written: module files without a sidecar are then
+    known to be this run's, stopped while it wrote them, not someone else's."""
+    text = json.dumps(dict(sidecar), indent=2, sort_keys=True, default=str) + "\n"
+    note = writing_path(savepath, class_name, epochs, batch_size)
+    write_text_atomic(note, text)
     for name, module in modules.items():
         save_torch_atomic(module_path(savepath, class_name, name, epochs, batch_size),
                           {k: v.detach().cpu() for k, v in module.state_dict().items()})
-    text = json.dumps(dict(sidecar), indent=2, sort_keys=True, default=str) + "\n"
     write_text_atomic(sidecar_path(savepath, class_name, epochs, batch_size), text)
+    note.unlink()
+
+
+def writing_path(savepath: str | Path, class_name: str, epochs: int, batch_size: int) -> Path:
+    """The note of a run whose checkpoints are being written (its sidecar to be): gone once they are."""
+    return sidecar_path(savepath, class_name, epochs, batch_size).with_suffix(".writing.json")
+
+
+def read_writing_note(savepath: str | Path, class_name: str, epochs: int, batch_size: int) -> dict[str, Any] | None:
+    """The sidecar-to-be of a run stopped while writing its checkpoints, or None."""
+    path = writing_path(savepath, class_name, epochs, batch_size)
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 def read_sidecar(savepath: str | Path, class_name: str, epochs: int, batch_size: int) -> dict[str, Any] | None:
