@@ -115,6 +115,29 @@ def test_window_covariance_matches_a_plain_loop():
                     np.testing.assert_allclose(cov[b, r, c].numpy(), expected, atol=1e-13)
 
 
+def test_window_covariance_in_float32_keeps_a_real_surfaces_noise():
+    """At MVTec 3D-AD's scale — a surface 0.5 m from the camera, 0.2 mm between points, 10 µm of noise — the
+    float32 covariances (their moments summed in float64 about the centroid) give the smallest eigenvalue (the
+    noise, ≈10⁻¹⁰ m²) and the normal of a float64 computation about each window's own centre, which is what the
+    earlier form (float32, relative to the centre point) approximated."""
+    generator = torch.Generator().manual_seed(3)
+    rows, cols = torch.meshgrid(torch.arange(40, dtype=torch.float64), torch.arange(40, dtype=torch.float64),
+                                indexing="ij")
+    surface = torch.stack((cols * 2e-4 - 0.004, rows * 2e-4 + 0.01, 0.5 + 0.002 * torch.sin(cols / 9) + rows * 1e-4))
+    points = (surface + torch.randn(3, 40, 40, generator=generator, dtype=torch.float64) * 1e-5)[None]
+    valid = torch.rand(1, 40, 40, generator=generator) > 0.1
+    cov32, _ = window_covariance(points.float(), valid, 5)
+    for r, c in ((5, 5), (20, 31), (37, 2)):
+        window = torch.stack([points[0, :, i, j] for i in range(r - 2, r + 3) for j in range(c - 2, c + 3)
+                              if 0 <= i < 40 and 0 <= j < 40 and valid[0, i, j]])
+        centred = window - window[0]  # about a point of the window, in float64
+        expected = (centred.T @ centred) / len(window) - torch.outer(centred.mean(0), centred.mean(0))
+        values, vectors = torch.linalg.eigh(expected)
+        got_values, got_vectors = torch.linalg.eigh(cov32[0, r, c].double())
+        assert abs(got_values[0] - values[0]) < 1e-2 * values[0], (r, c)
+        assert abs(abs(float(got_vectors[:, 0] @ vectors[:, 0])) - 1) < 1e-6, (r, c)
+
+
 # --- normals of analytic surfaces ----------------------------------------------------------------------------------
 
 

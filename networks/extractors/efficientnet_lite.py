@@ -8,7 +8,8 @@ PyTorch state dicts with lukemelas-style key names. :func:`convert_lukemelas_eff
 
 :class:`EfficientNetLiteFeatures` runs the network up to the last requested stage and returns the stage outputs
 resized (bilinear; BTF's ``avg3`` pooling on request) to the finest one's grid and concatenated: with stages 2 and
-4 at 224 px, 40 + 112 = 152 channels on a 28×28 grid (strides 8 and 16).
+4 at 224 px, 40 + 112 = 152 channels on a 28×28 grid (strides 8 and 16). Frozen, its BatchNorms are folded into the
+convolutions (:func:`fold_batchnorms`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import timm
 import torch
+from timm.layers.norm_act import BatchNormAct2d
 from torch import nn
 
 from networks.extractors.point_mae import WeightsError, load_state_dict_checked
@@ -199,8 +201,36 @@ def build_efficientnet(config: EfficientNetLiteConfig, random_init: bool = False
     return model
 
 
+def fold_batchnorms(module: nn.Module) -> nn.Module:
+    """Fold every BatchNorm that directly follows a convolution (in the order the children are registered, as in
+    timm's EfficientNet stem and blocks) into that convolution's weight and bias, in place; the BatchNorm's
+    activation (timm's ``BatchNormAct2d``) stays. For frozen networks in evaluation mode: the output is the same
+    function (float64: within 1e-13; float32: rounding), one pass over the activations fewer per layer.
+
+    Returns:
+        ``module``.
+    """
+    children = list(module.named_children())
+    for (_, conv), (name, norm) in zip(children, children[1:]):
+        if isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d):
+            with torch.no_grad():
+                scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+                bias = norm.bias - norm.running_mean * scale
+                if conv.bias is not None:
+                    bias = bias + conv.bias * scale
+                conv.weight = nn.Parameter(conv.weight * scale[:, None, None, None], requires_grad=False)
+                conv.bias = nn.Parameter(bias, requires_grad=False)
+            activation = nn.Sequential(norm.drop, norm.act) if isinstance(norm, BatchNormAct2d) else nn.Identity()
+            setattr(module, name, activation)
+    for child in module.children():
+        fold_batchnorms(child)
+    return module
+
+
 class EfficientNetLiteFeatures(nn.Module):
-    """The stem and the stages up to the last requested one of a timm EfficientNet (the rest is dropped).
+    """The stem and the stages up to the last requested one of a timm EfficientNet (the rest is dropped), frozen:
+    its BatchNorms folded into the convolutions (:func:`fold_batchnorms`) and its tensors channels-last, which
+    runs a 224² image in 7 ms instead of 16 on the 2-core CPU (docs/performance.md).
 
     Args:
         network: the full timm model (weights loaded).
@@ -216,14 +246,17 @@ class EfficientNetLiteFeatures(nn.Module):
         self.blocks = nn.Sequential(*list(network.blocks)[: stages[-1] + 1])
         self.stages = stages
         self.pooling, self.grid = pooling, grid
+        fold_batchnorms(self.eval())
+        self.to(memory_format=torch.channels_last)
 
     def forward(self, rgb: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) normalised images → (B, C, g, g): g = the grid for ``avg3``, else S / (the first stage's
         stride)."""
-        x = self.bn1(self.conv_stem(rgb))
+        x = self.bn1(self.conv_stem(rgb.contiguous(memory_format=torch.channels_last)))
         outputs = []
         for i, stage in enumerate(self.blocks):
             x = stage(x)
             if i in self.stages:
                 outputs.append(x)
-        return combine_stages(outputs, self.pooling, self.grid)
+        # contiguous again: what follows (resizing, the cache) sees one layout, whatever ran inside
+        return combine_stages(outputs, self.pooling, self.grid).contiguous()
