@@ -3,13 +3,13 @@
     python benchmark.py --preset paper|lite|tiny [--model METHOD]
         [--model_option K=V] [--random_init]
         [--device cpu|cuda] [--out FILE] [--dataset_path D --class_name C] [--rgb_weights F] [--pointmae_weights F]
-        [--train_memory]
+        [--batch_size 1] [--train_memory]
 
 * ``fps``: inference as the paper measures it — the whole pipeline from loading a test sample to its scores
   (read and transform the files, both frozen extractors without cache, the ``method`` stage: its modules and
   fusion (CMDR-IAD: the four modules) or its memory-bank search, and the image score and map normalisation),
-  one sample at a time, CUDA synchronised before every clock reading, averaged over the test set after one
-  warm-up sample.
+  one sample at a time (``--batch_size B``: B at once, the seconds per part), CUDA synchronised before every
+  clock reading, averaged over the test set after one warm-up batch.
 * ``peak_memory_mb``: CUDA — the allocator's peak during inference; CPU — the process's peak resident memory.
 * ``train_epoch_seconds_cached`` / ``_uncached``: one training epoch (batch size 1) reading features from the cache /
   computing them at every step; ``snapshot_seconds`` / ``snapshot_megabytes``: writing the resume state after an
@@ -112,27 +112,35 @@ def count_flops(function, *args, **kwargs) -> tuple[object, int]:
     return result, counter.get_total_flops()
 
 
-def inference_speed(extractor: MultimodalFeatures, model: Detector, dataset: MVTec3DDataset) -> dict:
-    """Whole-pipeline seconds per test sample, per stage and in total (after one warm-up sample), and the FLOPs
-    of each stage (counted on the warm-up sample, which is not timed)."""
+def inference_speed(extractor: MultimodalFeatures, model: Detector, dataset: MVTec3DDataset, batch_size: int = 1
+                    ) -> dict:
+    """Whole-pipeline seconds per test sample, per stage and in total (after a warm-up batch), and the FLOPs of each
+    stage (counted on the warm-up, which is not timed). ``batch_size`` parts go through the pipeline at once (a
+    line with several cameras, a folder scored offline); the seconds are per part."""
     device = extractor.device
     stages: dict[str, list[float]] = defaultdict(list)
     flops: dict[str, int] = {}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    for index in range(len(dataset)):
-        if index == 0:  # warm-up: count the FLOPs (the counter slows the run down, so this sample is not timed)
-            batch = collate_samples([dataset[index]])
+    starts = list(range(0, len(dataset) - batch_size + 1, batch_size))  # whole batches only
+    if len(starts) < 2:
+        raise ValueError(f"a batch size of {batch_size} needs at least {2 * batch_size} test samples "
+                         f"(a warm-up batch and one timed), the split has {len(dataset)}")
+    for number, first in enumerate(starts):
+        indices = range(first, first + batch_size)
+        if number == 0:  # warm-up: count the FLOPs (the counter slows the run down, so this batch is not timed)
+            batch = collate_samples([dataset[i] for i in indices])
             with torch.no_grad():
                 (f2d, f3d), flops["features"] = count_flops(extractor.get_features_maps, batch.rgb.to(device),
                                                             batch.xyz.to(device))
                 _, flops["method"] = count_flops(model.predict, f2d, f3d, valid_mask(batch, f3d, extractor),
                                                  xyz=batch.xyz)
+            flops = {name: count / batch_size for name, count in flops.items()}
             flops["load"] = 0
             flops["total"] = sum(flops.values())
             continue
         start = _clock(device)
-        batch = collate_samples([dataset[index]])
+        batch = collate_samples([dataset[i] for i in indices])
         loaded = _clock(device)
         with torch.no_grad():
             f2d, f3d = extractor.get_features_maps(batch.rgb.to(device), batch.xyz.to(device))
@@ -141,7 +149,7 @@ def inference_speed(extractor: MultimodalFeatures, model: Detector, dataset: MVT
         done = _clock(device)
         for name, seconds in (("load", loaded - start), ("features", extracted - loaded),
                               ("method", done - extracted), ("total", done - start)):
-            stages[name].append(seconds)
+            stages[name].append(seconds / batch_size)
     means = {name: sum(values) / len(values) for name, values in stages.items()}
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) / 2**20
@@ -282,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset_path", type=Path)
     parser.add_argument("--class_name")
     parser.add_argument("--out", type=Path, help="JSON file for the results")
+    parser.add_argument("--batch_size", type=int, default=1,
+                        help="parts scored at once in the inference measurement (the fps is per part)")
     parser.add_argument("--train_memory", action="store_true",
                         help="only measure the peak memory of one training step (batch sizes 1 and 2, activation "
                              "checkpointing off and on), each in a fresh process, on random features")
@@ -291,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
         options = parse_model_options(args.model, model_option_pairs(args))
     except ValueError as err:
         parser.error(str(err))
+    if args.batch_size < 1:
+        parser.error("--batch_size must be at least 1")
     seed_everything(DEFAULT_SEED)
     device = resolve_device(args.device)
     if args.train_memory:
@@ -306,8 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         root, class_name = args.dataset_path, args.class_name
         if root is None:
-            config = SyntheticConfig(classes=("dome",), n_train=8, n_val=0, n_test=8, size=(400, 400),
-                                     background="none")
+            config = SyntheticConfig(classes=("dome",), n_train=8, n_val=0, n_test=max(8, 3 * args.batch_size),
+                                     size=(400, 400), background="none")
             root, class_name = generate_dataset(Path(tmp) / "data", config), "dome"
         test = open_split(extractor, root, class_name, "test", "rgbxyz")
         train = open_split(extractor, root, class_name, "train", "rgbxyz")
@@ -317,9 +329,10 @@ def main(argv: list[str] | None = None) -> int:
             "model": args.model, "preset": args.preset, "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "dataset": str(args.dataset_path or "synthetic"), "class_name": class_name, "n_test": len(test),
-            **inference_speed(extractor, model, test), **fitted,
+            "batch_size": args.batch_size, **inference_speed(extractor, model, test, args.batch_size), **fitted,
         }
-        print(f"{args.model}, preset {args.preset} on {results['device_name']}: {results['fps']:.2f} FPS, "
+        print(f"{args.model}, preset {args.preset}, batch {args.batch_size} on {results['device_name']}: "
+              f"{results['fps']:.2f} FPS, "
               f"peak memory {results['peak_memory_mb']:.0f} MB", flush=True)
         roofline = results["roofline"]
         rates = ", ".join(f"{dtype} {rate:.0f}" for dtype, rate in roofline["matmul_gflops_per_second"].items()

@@ -134,6 +134,18 @@ def test_benchmark_writes_the_table4_keys(tmp_path: Path, model: str):
     assert total == pytest.approx(sum(s["gflop"] for k, s in roofline["stages"].items() if k != "total"))
 
 
+def test_benchmark_batched_mode_reports_seconds_per_part(tmp_path: Path):
+    import benchmark
+
+    out = tmp_path / "b.json"
+    assert benchmark.main(["--preset", "tiny", "--random_init", "--device", "cpu", "--batch_size", "3", "--out",
+                           str(out)]) == 0
+    results = json.loads(out.read_text())
+    stages = results["stages"]
+    assert results["batch_size"] == 3 and results["fps"] == pytest.approx(1 / stages["total"])
+    assert stages["total"] == pytest.approx(sum(v for k, v in stages.items() if k != "total"), rel=1e-6)
+
+
 def test_benchmark_train_memory(tmp_path: Path, capsys: pytest.CaptureFixture):
     """--train_memory measures a training step per batch size, with and without activation checkpointing, each in
     a fresh process; memory-bank methods are refused."""
