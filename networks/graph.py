@@ -13,9 +13,9 @@ modality (:data:`GRAPH_INPUTS`):
   otherwise the image's own area inside the padding that squares it).
 
 Outputs: ``anomaly_map`` (B, S, S) and ``score`` (B,). The graph holds a copy of the method in which the
-stride-1 transposed convolutions (Decoder2D's) are the equivalent plain convolutions (:func:`as_convolution`):
-onnxruntime runs ``ConvTranspose`` about twice as slowly as ``Conv`` on a CPU, and fuses a ``Conv`` with its
-BatchNorm.
+stride-1 transposed convolutions (Decoder2D's) are the equivalent plain convolutions (:func:`as_convolution`) and
+the strided ones (Decoder3D's) their polyphase plain convolutions (:class:`PolyphaseConvTranspose1d`): onnxruntime
+runs ``ConvTranspose`` several times as slowly as ``Conv`` on a CPU, and fuses a ``Conv`` with its BatchNorm.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from networks.extractors.geometry_images import GeometryImagesExtractor
@@ -79,11 +80,59 @@ def as_convolution(layer: nn.ConvTranspose2d) -> nn.Conv2d:
     return conv
 
 
+class PolyphaseConvTranspose1d(nn.Module):
+    """A strided ``ConvTranspose1d`` as ``stride`` plain convolutions whose outputs interleave (the polyphase form):
+    output position s·m + r is a convolution of the input with the kernel taps j ≡ r + padding (mod s). The same
+    values as the transposed convolution (float64: to rounding); onnxruntime runs a strided ``ConvTranspose`` on a
+    CPU several times as slowly as the plain ``Conv``s.
+
+    Args:
+        layer: the transposed convolution (no dilation, output padding or groups).
+    """
+
+    def __init__(self, layer: nn.ConvTranspose1d) -> None:
+        super().__init__()
+        if layer.dilation != (1,) or layer.output_padding != (0,) or layer.groups != 1:
+            raise ValueError("only an undilated, ungrouped transposed convolution without output padding")
+        (kernel,), (stride,), (padding,) = layer.kernel_size, layer.stride, layer.padding
+        self.stride, self.kernel, self.padding = stride, kernel, padding
+        self.phases = nn.ModuleList()
+        self.offsets: list[int] = []
+        for phase in range(stride):
+            first = (phase + padding) % stride
+            taps = list(range(first, kernel, stride))
+            conv = nn.Conv1d(layer.in_channels, layer.out_channels, len(taps), bias=layer.bias is not None)
+            with torch.no_grad():  # out_r[m] = Σ_q x[m + c − q] w[first + s q]: a correlation with the taps reversed
+                conv.weight.copy_(layer.weight[:, :, taps].transpose(0, 1).flip(-1))
+                if layer.bias is not None:
+                    conv.bias.copy_(layer.bias)
+            self.phases.append(conv.to(layer.weight))
+            self.offsets.append((phase + padding - first) // stride - (len(taps) - 1))  # input index of m = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, L) → (B, C', (L − 1)·s − 2p + k)."""
+        length = x.shape[-1]
+        out_length = (length - 1) * self.stride - 2 * self.padding + self.kernel
+        outputs = []
+        for phase, (conv, offset) in enumerate(zip(self.phases, self.offsets)):
+            count = -(-(out_length - phase) // self.stride)  # outputs of this phase
+            taps = conv.kernel_size[0]
+            left, right = max(0, -offset), max(0, offset + count - 1 + taps - length)
+            window = F.pad(x, (left, right))[..., offset + left : offset + left + count + taps - 1]
+            outputs.append(conv(window))
+        if out_length % self.stride:  # the last phases have one output fewer: pad to interleave, then cut
+            outputs = [F.pad(o, (0, outputs[0].shape[-1] - o.shape[-1])) for o in outputs]
+        return torch.stack(outputs, dim=-1).flatten(-2)[..., :out_length]
+
+
 def _convolutions_for_transposed(module: nn.Module) -> None:
-    """Replace every stride-1 ``ConvTranspose2d`` under ``module`` (in place) by :func:`as_convolution`."""
+    """Replace (in place) every stride-1 ``ConvTranspose2d`` under ``module`` by :func:`as_convolution` and every
+    ``ConvTranspose1d`` by :class:`PolyphaseConvTranspose1d`."""
     for name, child in module.named_children():
         if isinstance(child, nn.ConvTranspose2d) and _is_plain(child):
             setattr(module, name, as_convolution(child))
+        elif isinstance(child, nn.ConvTranspose1d):
+            setattr(module, name, PolyphaseConvTranspose1d(child))
         else:
             _convolutions_for_transposed(child)
 

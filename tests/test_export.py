@@ -17,7 +17,9 @@ from torch import nn
 import calibrate
 import export
 from networks.features import MultimodalFeatures
-from networks.graph import DetectorGraph, NotExportableError, as_convolution, export_problem
+from networks.graph import (
+    DetectorGraph, NotExportableError, PolyphaseConvTranspose1d, as_convolution, export_problem,
+)
 from networks.methods.registry import build_detector
 import predict
 import train
@@ -63,6 +65,18 @@ def test_transposed_convolution_equals_its_plain_convolution(kernel: int, paddin
     x = torch.randn(2, 4, 9, 7, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(as_convolution(layer)(x), layer(x), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("kernel, stride, padding, length", [(4, 2, 1, 7), (4, 2, 1, 98), (3, 2, 1, 5),
+                                                            (5, 3, 2, 6), (4, 2, 0, 5), (6, 3, 1, 4)])
+def test_strided_transposed_convolution_equals_its_polyphase_convolutions(kernel, stride, padding, length):
+    """Decoder3D's stride-2 ConvTranspose1d (kernel 4, padding 1) and others, against the transposed convolution
+    itself in float64."""
+    torch.manual_seed(0)
+    layer = nn.ConvTranspose1d(3, 5, kernel, stride=stride, padding=padding).double()
+    x = torch.randn(2, 3, length, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(PolyphaseConvTranspose1d(layer)(x), layer(x), rtol=0, atol=1e-12)
 
 
 def test_only_stride_one_transposed_convolutions_become_plain():

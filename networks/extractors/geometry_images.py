@@ -359,7 +359,16 @@ class GeometryImagesExtractor(nn.Module):
         self.register_buffer("mean", torch.tensor(config.cnn.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(config.cnn.std).view(1, 3, 1, 1), persistent=False)
 
+    def images(self, organized_pc: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """The CNN's inputs: (n·B, 3, S, S), the n configured images of the B clouds, image by image, normalised."""
+        images = render_geometry_images(organized_pc.float(), valid, self.config)
+        return (torch.cat(images) - self.mean) / self.std
+
+    def combine(self, outputs: torch.Tensor) -> torch.Tensor:
+        """The CNN's outputs of :meth:`images` → (B, C3, h, w): each cloud's images' features side by side."""
+        per_image = outputs.unflatten(0, (len(self.config.images), -1))  # (n, B, C, h, w); no guard on B for export
+        return per_image.transpose(0, 1).flatten(1, 2)
+
     def forward(self, organized_pc: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) clouds and their (B, S, S) valid masks → (B, C3, h, w) stage features (h = w = S / 8)."""
-        images = render_geometry_images(organized_pc.float(), valid, self.config)
-        return torch.cat([self.cnn((image - self.mean) / self.std) for image in images], dim=1)
+        return self.combine(self.cnn(self.images(organized_pc, valid)))
