@@ -43,6 +43,9 @@ DEMO_EPOCHS = 20
 DEMO_BATCH_SIZE = 2
 DEMO_N_TRAIN = 40
 DEMO_N_TEST = 45
+# good parts for calibrate.py: enough for its tail fit (a synthetic part is generated per sample identity, so the
+# training and test parts do not depend on it)
+DEMO_N_VAL = 20
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,8 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
 
     # background "none": like MVTec 3D-AD after processing/preprocess_mvtec.py
-    synthetic = SyntheticConfig(classes=tuple(args.classes), n_train=args.n_train, n_test=args.n_test,
-                                background="none")
+    synthetic = SyntheticConfig(classes=tuple(args.classes), n_train=args.n_train, n_val=DEMO_N_VAL,
+                                n_test=args.n_test, background="none")
     data = generate_dataset(args.out / "dataset", synthetic)
     common = ["--dataset_path", str(data), "--model", args.model, "--preset", args.preset,
               "--epochs_no", str(args.epochs_no),
