@@ -206,6 +206,10 @@ def train_class(class_name: str, config: RunConfig, cache: FeatureCache, resume:
         outcome = {"fit": fit_memory_bank(model, class_name, config, cache, dataset)}
     else:
         outcome = {"final_losses": train_epochs(model, class_name, config, training_set, identity, resume)}
+        finished = model.eval().finish_training(training_set.batches(config.batch_size))
+        if finished:  # e.g. cmdr's per-pixel statistics of the training maps
+            outcome["after_training"] = finished
+            logger.info("%s after training: %s", class_name, finished)
 
     sidecar = {
         **identity,

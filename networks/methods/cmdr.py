@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from networks.blocks.cell_statistics import CellStatistics
 from networks.blocks.decoders import Decoder2D, Decoder3D
 from networks.blocks.fusion import FUSION_VARIANTS, fuse, single_modality_map
 from networks.blocks.mapping import FeatureMappingMLP
@@ -21,6 +22,7 @@ from networks.methods.detector import (
 
 MODULE_NAMES = ("map2Dto3D", "map3Dto2D", "Dec2D", "Dec3D")
 MODULES_OF_MODALITY = {"rgbxyz": MODULE_NAMES, "rgb": ("Dec2D",), "xyz": ("Dec3D",)}
+CELL_NORM_CHOICES = ("off", "auto", "on")
 # Which features each module reads and which it predicts.
 _INPUT_AND_TARGET = {"map2Dto3D": ("2d", "3d"), "map3Dto2D": ("3d", "2d"), "Dec2D": ("2d", "2d"), "Dec3D": ("3d", "3d")}
 # The modules whose output at a pixel depends on that pixel's features alone (run on the valid pixels only).
@@ -53,17 +55,44 @@ class CMDRIAD(PixelwiseMixin, Detector):
     Args:
         config: the frozen extractors' configuration (feature widths and image size).
         modality: ``rgbxyz`` (all four), ``rgb`` (Dec2D) or ``xyz`` (Dec3D).
+        cell_norm: the maps normalised per pixel by the good training parts' (:mod:`networks.blocks.cell_statistics`):
+            ``auto`` (where those parts share one layout), ``on``, ``off``; default ``auto`` for the 2D-only model
+            (measured on MVTec 3D-AD rope, docs/real_data.md), ``off`` otherwise (the paper's model).
     """
 
     name = "cmdr"
     modalities = MODALITIES
     fusion_variants = FUSION_VARIANTS
+    option_choices = {"cell_norm": CELL_NORM_CHOICES}
 
-    def __init__(self, config: ExtractorConfig, modality: str = "rgbxyz") -> None:
+    def __init__(self, config: ExtractorConfig, modality: str = "rgbxyz", cell_norm: str | None = None) -> None:
         super().__init__(config, modality)
         self.module_names = MODULES_OF_MODALITY[modality]
         for name in self.module_names:  # built in a fixed order: initialisation is reproducible for a seed
             self.add_module(name, build_module(name, config))
+        self.cell_norm = cell_norm or ("auto" if modality == "rgb" else "off")
+        if self.cell_norm not in CELL_NORM_CHOICES:
+            raise ValueError(f"cell_norm must be one of {CELL_NORM_CHOICES}, got {self.cell_norm!r}")
+        if self.cell_norm != "off":  # buffers only, after the modules: their initialisation does not move
+            self.cell_statistics = CellStatistics(config.img_size, self.cell_norm)
+
+    def options(self) -> dict[str, str]:
+        """``cell_norm`` where it is not ``off`` (the runs before the option keep their identity)."""
+        return {} if self.cell_norm == "off" else {"cell_norm": self.cell_norm}
+
+    def anomaly_map(self, f2d: torch.Tensor | None, f3d: torch.Tensor | None, mask: torch.Tensor,
+                    variant: str = "full") -> torch.Tensor:
+        """Ψ (B, S, S), normalised per pixel where ``cell_norm`` applies."""
+        psi = super().anomaly_map(f2d, f3d, mask, variant)
+        return psi if self.cell_norm == "off" else self.cell_statistics(psi)
+
+    @torch.no_grad()
+    def finish_training(self, batches) -> dict:
+        """With ``cell_norm``: the per-pixel statistics of the training parts' maps Ψ (and whether they apply)."""
+        if self.cell_norm == "off":
+            return {}
+        maps = [Detector.anomaly_map(self, f2d, f3d, mask).float().cpu() for f2d, f3d, mask in batches]
+        return self.cell_statistics.fit(torch.cat(maps))
 
     def optimizer_groups(self) -> dict[str, OptimizerGroup]:
         """One Adam per module, each driven by its own loss (the paper's training)."""
@@ -72,7 +101,8 @@ class CMDRIAD(PixelwiseMixin, Detector):
     def _pairs(self, f2d: torch.Tensor | None, f3d: torch.Tensor | None):
         """(name, module, source features, target features) of every module."""
         features = {"2d": f2d, "3d": f3d}
-        for name, module in self.trainable().items():
+        for name in self.module_names:
+            module = getattr(self, name)
             source, target = _INPUT_AND_TARGET[name]
             yield name, module, features[source], features[target]
 

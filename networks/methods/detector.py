@@ -140,6 +140,13 @@ class Detector(nn.Module):
         """The smoothed anomaly map Ψ (B, S, S) from the distance maps at the image size and the valid mask."""
         raise NotImplementedError
 
+    def finish_training(self, batches: Iterable[tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]]
+                        ) -> dict[str, Any]:
+        """After the last epoch, in evaluation mode: whatever the method fits on the trained modules' outputs over the
+        training set (``batches`` yields (F2D, F3D, mask) of every training sample once); returns what is worth
+        recording in the sidecar. Default: nothing."""
+        return {}
+
     # --- shared ------------------------------------------------------------------------------------------------
 
     def predict(self, f2d: torch.Tensor | None, f3d: torch.Tensor | None, mask: torch.Tensor,

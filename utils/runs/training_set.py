@@ -105,3 +105,8 @@ class TrainingSet:
         if f3d is not None:
             return f2d, f3d, feature_mask(f3d)
         return f2d, f3d, torch.stack([self.pixels[i] for i in indices]).to(extractor.device)
+
+    def batches(self, batch_size: int = 1):
+        """(F2D, F3D, mask) of every sample once, in order, ``batch_size`` at a time."""
+        for indices in index_loader(len(self), batch_size):
+            yield self.features(indices)
