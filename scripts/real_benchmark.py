@@ -87,6 +87,7 @@ ROWS: tuple[Row, ...] = (
     Row("m3dm_xyz", "m3dm", modality="xyz"),
     Row("m3dm_fpfh", "m3dm", preset="lite_fpfh"),
     Row("patchcore", "patchcore"),
+    Row("patchcore_rgb", "patchcore", modality="rgb"),
     Row("patchcore_fpfh", "patchcore", preset="lite_fpfh"),
     # lite's 3D branch on real data (issue #27's question): normals (the rows above), normals + curvature,
     # normals + FPFH, FPFH (the _fpfh rows)
