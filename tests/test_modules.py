@@ -47,9 +47,13 @@ def test_scan_layout_decoder():
 
 @pytest.mark.parametrize("modality", sorted(MODULES_OF_MODALITY))
 def test_modality_builds_only_its_modules(modality: str):
-    model = CMDRIAD(PRESETS["tiny"], modality)
+    model = CMDRIAD(PRESETS["tiny"], modality, cell_norm="off")
     assert tuple(model.trainable()) == MODULES_OF_MODALITY[modality]
     assert {name for name, _ in model.named_children()} == set(MODULES_OF_MODALITY[modality])
+    # the default adds the per-pixel statistics (buffers, saved as a module file) to the 2D-only model alone
+    default = CMDRIAD(PRESETS["tiny"], modality)
+    extra = ("cell_statistics",) if modality == "rgb" else ()
+    assert tuple(default.trainable()) == MODULES_OF_MODALITY[modality] + extra
 
 
 def test_window_attention_is_local_and_pads():

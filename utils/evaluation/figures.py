@@ -39,16 +39,18 @@ def score_distribution(path: Path, scores: np.ndarray, labels: np.ndarray, thres
     scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels)
     figure, axes = plt.subplots(figsize=SIZE)
     jitter = np.random.default_rng(0).uniform(-0.15, 0.15, size=scores.size)
-    for row, (label, colour, name) in enumerate(((0, GOOD_COLOUR, "good"), (1, DEFECTIVE_COLOUR, "defective"))):
+    # what the parts on each side of the threshold are, per row: (score <= t, score > t)
+    sides = {0: ("passed", "false alarms"), 1: ("missed", "flagged")}
+    for row, (label, colour) in enumerate(((0, GOOD_COLOUR), (1, DEFECTIVE_COLOUR))):
         chosen = labels == label
         axes.scatter(scores[chosen], row + jitter[chosen], s=16, color=colour, alpha=0.8, edgecolors="none")
         if threshold is not None:
             above = int(np.sum(scores[chosen] > threshold))
             below = int(chosen.sum()) - above
-            axes.annotate(f"{below} ≤ t", (0.01, row + 0.3), xycoords=("axes fraction", "data"), color=colour,
-                          fontsize=8)
-            axes.annotate(f"{above} > t", (0.99, row + 0.3), xycoords=("axes fraction", "data"), color=colour,
-                          fontsize=8, ha="right")
+            axes.annotate(f"{below} {sides[label][0]} (≤ t)", (0.01, row + 0.3), xycoords=("axes fraction", "data"),
+                          color=colour, fontsize=8)
+            axes.annotate(f"{above} {sides[label][1]} (> t)", (0.99, row + 0.3),
+                          xycoords=("axes fraction", "data"), color=colour, fontsize=8, ha="right")
     if threshold is not None:
         axes.axvline(threshold, color=THRESHOLD_COLOUR, linestyle="--", linewidth=1)
         axes.annotate("threshold t", (threshold, 1.5), color=THRESHOLD_COLOUR, fontsize=8, ha="center")
