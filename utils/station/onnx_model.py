@@ -164,8 +164,12 @@ class OnnxPredictor(PartScorer):
         providers = ["CPUExecutionProvider"]
         if device != "cpu" and "CUDAExecutionProvider" in available:
             providers.insert(0, "CUDAExecutionProvider")
+        options = runtime.SessionOptions()
+        # onnxruntime's worker threads spin after every run by default: between parts that spin takes the cores
+        # from the file reading and map resizing around the network (docs/performance.md, ONNX)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
-            session = runtime.InferenceSession(str(path), providers=providers)
+            session = runtime.InferenceSession(str(path), sess_options=options, providers=providers)
         except Exception as err:  # onnxruntime raises its own types for a damaged or foreign file
             raise InputError(f"{path} is not a readable ONNX file ({type(err).__name__}: {err}); export the run "
                              "again with export.py") from err
