@@ -156,7 +156,9 @@ def _k_center_of_distinct(points: torch.Tensor, n: int, progress: bool) -> torch
     norms = points.square().sum(dim=1)
     current = (norms - 2 * (points @ points[0]) + norms[0]).clamp_min_(0)  # squared distance to the chosen set
     selected = [0]
-    bar = tqdm(total=n, initial=1, desc="coreset", unit="row", leave=False, disable=not progress, mininterval=1.0)
+    # disable only when asked: an explicit disable=False would override the user's TQDM_DISABLE
+    bar = tqdm(total=n, initial=1, desc="coreset", unit="row", leave=False, mininterval=1.0,
+               **({} if progress else {"disable": True}))
     while len(selected) < n:
         k = min(ROUND_CANDIDATES, count - 1)
         values, candidates = torch.topk(current, k + 1)
