@@ -190,9 +190,10 @@ def write_table(benchmark: Benchmark, rows: tuple[Row, ...] | list[Row]) -> dict
     """Summarise every finished run of ``rows`` (whichever invocation ran it) into table.md / table.json; returns
     the summaries."""
     summaries = {}
+    order = list(dict.fromkeys((*benchmark.seeds, *DEFAULT_SEEDS)))  # this invocation's seeds first, then the rest
     for row in rows:
-        records = [json.loads(p.read_text()) for seed in (benchmark.seeds if row.trained else benchmark.seeds[:1])
-                   if (p := benchmark.run_path(row, seed)).is_file()]
+        records = [json.loads(p.read_text()) for p in (benchmark.out / "runs").glob(f"{row.name}_seed*.json")]
+        records.sort(key=lambda r: (order.index(r["seed"]), 0) if r["seed"] in order else (len(order), r["seed"]))
         if records:
             summaries[row.name] = {"model": row.model, "preset": row.preset, "modality": row.modality,
                                    "options": list(row.options), **summarise(records)}

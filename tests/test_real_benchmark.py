@@ -34,6 +34,9 @@ def test_the_table_of_every_row_over_seeds_and_a_rerun_that_skips_them(synthetic
     written = {p.name: p.stat().st_mtime_ns for p in (out / "runs").iterdir()}
     assert real_benchmark.main([*common, "--rows", "cmdr", "patchcore"]) == 0
     assert {p.name: p.stat().st_mtime_ns for p in (out / "runs").iterdir()} == written, "nothing run again"
+    # a later invocation with another seed adds to the row; the table keeps the runs of the earlier ones
+    assert real_benchmark.main([*common[:-3], "--seeds", "2", "--rows", "cmdr"]) == 0
+    assert json.loads((out / "table.json").read_text())["cmdr"]["seeds"] == [2, 115, 1]
 
 
 def test_a_class_without_clouds_keeps_its_2d_rows(synthetic_root: Path, tmp_path: Path,
