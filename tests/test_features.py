@@ -324,6 +324,8 @@ def test_preset_sizes_are_consistent():
         assert (config.grid_size**2) % 32 == 0, "Decoder3D needs G² divisible by 32"
     lite = PRESETS["lite"]
     assert (lite.img_size, lite.grid_size, lite.rgb_dim, lite.xyz_dim) == (224, 56, 152, 152)
+    lite_448 = PRESETS["lite_448"]  # the input doubled, the grid and the widths kept
+    assert (lite_448.img_size, lite_448.grid_size, lite_448.rgb_dim, lite_448.xyz_dim) == (448, 56, 152, 152)
     lite_fpfh = PRESETS["lite_fpfh"]
     assert (lite_fpfh.img_size, lite_fpfh.grid_size, lite_fpfh.rgb_dim, lite_fpfh.xyz_dim) == (224, 56, 152, 33)
     paper = PRESETS["paper"]
