@@ -151,7 +151,7 @@ PRESETS: dict[str, ExtractorConfig] = {
                             xyz=GeometryImagesConfig()),
     # lite with the image (and the cloud) at 448², the modules still on a 56² grid: the stride-8 features see a
     # small defect of a large image at twice the resolution. Measured on MVTec 3D-AD rope, 2D-only (docs/real_data.md,
-    # "The 2D side"); features about twice lite's time, training 2.4 times; the 2D+3D model not measured at this size.
+    # "The 2D side": localisation up, the image score not); features about twice lite's time; 2D+3D not measured.
     "lite_448": ExtractorConfig(img_size=448, feature_size=56, rgb=EfficientNetLiteConfig("lite0", (2, 4)),
                                 xyz=GeometryImagesConfig()),
     # lite with FPFH (33, no weights) on every 2nd row and column of the 224² cloud as the 3D features: the 3D
