@@ -70,7 +70,7 @@ class Size:
 
 
 SIZES = {"full": Size(n_train=8, n_test=12, epochs=6, bulk=200, soak=3000, soak_rate=10.0),
-         "smallest": Size(4, 6, 4, 20, 300, 10.0)}
+         "smallest": Size(4, 6, 4, 20, 200, 25.0)}
 SOAK_SLOPE_LIMIT = 10.0  # MB per 1000 parts: below it a line can run for weeks
 
 
@@ -318,13 +318,13 @@ def kill_faults(work: Path, dataset: Path, size: Size, rng: random.Random, refer
         log = work / f"killed{attempt}.log"
         process = subprocess.Popen(command("train.py", *args), stdout=log.open("w"), stderr=subprocess.STDOUT,
                                    cwd=ROOT)
-        time.sleep(rng.uniform(0.35, 1.0) * duration)  # past the imports, anywhere in the work
-        if process.poll() is None:
+        try:  # the kill comes past the imports, anywhere in the work — unless the run ends first
+            process.wait(timeout=rng.uniform(0.35, 1.0) * duration)
+            phases.append("after it finished")
+        except subprocess.TimeoutExpired:
             process.send_signal(signal.SIGKILL)
             process.wait()
             phases.append(phase([line for line in log.read_text().splitlines() if line.strip()], size.epochs))
-        else:
-            phases.append("after it finished")
     log = work / "killed_final.log"
     status = run(command("train.py", *args), log)
     equal = status == 0 and same_weights(savepath, reference)
