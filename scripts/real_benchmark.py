@@ -121,7 +121,8 @@ class Benchmark:
                          epochs_no=self.epochs_no if row.trained else 1, batch_size=self.batch_size,
                          checkpoint_dir=self.checkpoint_dir / row.preset, cache_dir=self.cache_dir, seed=seed)
 
-    def run_path(self, row: Row, seed: int) -> Path:
+    def run_path(self, row: Row, seed: int | str) -> Path:
+        """The record of ``row``'s run with ``seed``; ``seed="*"`` gives the pattern of every seed's record."""
         return self.out / "runs" / f"{row.name}_seed{seed}.json"
 
 
@@ -192,7 +193,8 @@ def write_table(benchmark: Benchmark, rows: tuple[Row, ...] | list[Row]) -> dict
     summaries = {}
     order = list(dict.fromkeys((*benchmark.seeds, *DEFAULT_SEEDS)))  # this invocation's seeds first, then the rest
     for row in rows:
-        records = [json.loads(p.read_text()) for p in (benchmark.out / "runs").glob(f"{row.name}_seed*.json")]
+        pattern = benchmark.run_path(row, "*")
+        records = [json.loads(p.read_text()) for p in pattern.parent.glob(pattern.name)]
         records.sort(key=lambda r: (order.index(r["seed"]), 0) if r["seed"] in order else (len(order), r["seed"]))
         if records:
             summaries[row.name] = {"model": row.model, "preset": row.preset, "modality": row.modality,
