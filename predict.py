@@ -26,11 +26,12 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from utils.data.io import CLOUD_SUFFIXES, InputError, WriteError, read_rgb, read_xyz
+from utils.data.io import CLOUD_SUFFIXES, DatasetError, InputError, WriteError, read_rgb, read_xyz
 from utils.evaluation.clouds import write_anomaly_ply
 from utils.evaluation.visualization import overlay, save_tiles
 from utils.runs.pipeline import setup_logging
@@ -87,10 +88,12 @@ class ResultWriter:
         print(json.dumps(record), flush=True)
         if self.out is None:
             return
-        if result.anomaly_map is not None and image is not None:
-            self._overlay(result, image)
-        if self.ply and result.anomaly_map is not None and cloud is not None:
-            write_anomaly_ply(self.out / "clouds" / f"{result.name}.ply", read_xyz(cloud), result.anomaly_map,
+        rgb = self._read_again(read_rgb, image, result)
+        if rgb is not None:
+            self._overlay(result, rgb)
+        points = self._read_again(read_xyz, cloud, result) if self.ply else None
+        if points is not None:
+            write_anomaly_ply(self.out / "clouds" / f"{result.name}.ply", points, result.anomaly_map,
                               self.map_scale or float(result.anomaly_map.max()) or 1.0, result.score, result.name,
                               self.threshold)
         csv_path = self.out / "results.csv"
@@ -109,8 +112,25 @@ class ResultWriter:
                 raise WriteError(path, err) from err
         self.done.add(result.name)
 
-    def _overlay(self, result: PartResult, image: Path) -> None:
-        rgb = read_rgb(image)
+    @staticmethod
+    def _read_again(read: Callable[[Path], np.ndarray], path: Path | None, result: PartResult) -> np.ndarray | None:
+        """A scored part's file read again for its picture; None without a map, or with a warning when the file
+        vanished or changed since it was scored (a watched folder emptied by the line): the result line is
+        written all the same."""
+        if path is None or result.anomaly_map is None:
+            return None
+        try:
+            data = read(path)
+        except DatasetError as err:
+            logger.warning("%s: no picture, its file could not be read again (%s)", result.name, err)
+            return None
+        if data.shape[:2] != result.anomaly_map.shape:
+            logger.warning("%s: no picture, %s was replaced by one of another size since it was scored",
+                           result.name, path)
+            return None
+        return data
+
+    def _overlay(self, result: PartResult, rgb: np.ndarray) -> None:
         scale = self.map_scale or float(result.anomaly_map.max()) or 1.0
         heat = np.clip(result.anomaly_map / scale, 0, 1)
         title = f"{result.name}  score {result.score:.4g}" + (f"  {result.decision}" if result.decision else "")

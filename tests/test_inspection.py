@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 import calibrate
 import inference
@@ -210,6 +211,30 @@ def test_calibrate_then_predict_files_folders_and_a_watched_folder(run: Path, sy
     assert not thread.is_alive(), "--max_parts 2 stops the watch after the two parts"
     names = [json.loads(line)["part"] for line in (watched / "results.jsonl").read_text().splitlines()]
     assert sorted(names) == sorted(p.stem for p in arrivals)
+
+
+def test_a_part_whose_files_vanish_after_scoring_keeps_its_result_line(run: Path, synthetic_root: Path,
+                                                                      tmp_path: Path):
+    """A line empties the watched folder at any moment: a part scored just before its files went (or were replaced
+    by another size) gets its result line without pictures, and the watch goes on (a CI run of the fault drill
+    once saw predict.py exit here)."""
+    predictor = Predictor.load(run, "dome", device="cpu")
+    part = tmp_path / "part"
+    shutil.copytree(synthetic_root / "dome" / "test" / "good", part)
+    image, cloud = min((part / "rgb").iterdir()), min((part / "xyz").iterdir())
+    writer = predict.ResultWriter(tmp_path / "out", map_scale=None, ply=True)
+    result = predictor(rgb=image, xyz=cloud, name="gone")
+    assert result.error is None
+    image.unlink()
+    cloud.unlink()
+    writer.write(result, image, cloud)
+    other = predictor(rgb=min((part / "rgb").iterdir()), xyz=min((part / "xyz").iterdir()), name="swapped")
+    small = tmp_path / "small.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(small)
+    writer.write(other, small, None)
+    lines = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert [(line["part"], line["score"]) for line in lines] == [("gone", result.score), ("swapped", other.score)]
+    assert not list((tmp_path / "out").glob("*/*.p*"))  # no overlay, no PLY
 
 
 def test_report_pictures_and_their_numbers_agree_with_the_results(run: Path, synthetic_root: Path, tmp_path: Path):
