@@ -86,6 +86,30 @@ def run(cmd: list[str], log: Path) -> int:
         return subprocess.run(cmd, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT).returncode
 
 
+def run_until_written(cmd: list[str], log: Path) -> tuple[int, float]:
+    """Run a train.py; its exit status and the seconds until it logged its checkpoints written (the kills' random
+    moments are drawn from these: the interpreter's exit after them takes another second or more on this
+    machine, and a kill there finds nothing to break)."""
+    start, written = time.monotonic(), None
+    with log.open("a") as handle:
+        process = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT)
+    while process.poll() is None:
+        if written is None and "checkpoints written" in log.read_text():
+            written = time.monotonic() - start
+        time.sleep(0.05)
+    return process.returncode, written if written is not None else time.monotonic() - start
+
+
+def side_by_side(commands: list[list[str]], logs: list[Path]) -> list[int]:
+    """Run ``commands`` at once, each appending to its log; their exit statuses. For the cases that are mostly
+    Python's start-up and write into folders of their own."""
+    processes = []
+    for cmd, log in zip(commands, logs):
+        with log.open("a") as handle:
+            processes.append(subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT))
+    return [process.wait() for process in processes]
+
+
 def module_files(run_dir: Path) -> dict[str, Path]:
     return {p.name: p for p in sorted((run_dir / CLASS).glob("*.pth"))}
 
@@ -312,27 +336,31 @@ def soak_fault(work: Path, run_dir: Path, dataset: Path, size: Size) -> list[Row
 
 def kill_faults(work: Path, dataset: Path, size: Size, rng: random.Random, reference: Path,
                 duration: float) -> list[Row]:
-    """SIGKILL train.py 5 times at random moments of its run (``duration``: an uninterrupted run's seconds), resume
-    each time; the final weights against ``reference``'s."""
+    """SIGKILL train.py up to 5 times at random moments of its run (``duration``: an uninterrupted run's seconds
+    until its checkpoints were written), resume each time; the final weights against ``reference``'s. A resumed run
+    has less left to do and may finish before its kill: the attempts stop there (more would only restart a finished
+    run, which the final run does)."""
     savepath, cache = work / "killed", work / "killed_cache"
     args = ["--dataset_path", str(dataset), *size.train_args, "--cache_dir", str(cache), "--checkpoint_savepath",
             str(savepath), "--resume"]
-    phases = []
+    phases, kills = [], 0
     for attempt in range(5):
         log = work / f"killed{attempt}.log"
         process = subprocess.Popen(command("train.py", *args), stdout=log.open("w"), stderr=subprocess.STDOUT,
                                    cwd=ROOT)
-        try:  # the kill comes past the imports, anywhere in the work — unless the run ends first
+        try:  # a random moment from late in the start-up to the checkpoints' write — unless the run ends first
             process.wait(timeout=rng.uniform(0.35, 1.0) * duration)
-            phases.append("after it finished")
+            phases.append("none: it finished first")
+            break
         except subprocess.TimeoutExpired:
             process.send_signal(signal.SIGKILL)
             process.wait()
+            kills += 1
             phases.append(phase([line for line in log.read_text().splitlines() if line.strip()], size.epochs))
     log = work / "killed_final.log"
     status = run(command("train.py", *args), log)
     equal = status == 0 and same_weights(savepath, reference)
-    return [Row("train.py killed 5 ×", f"SIGKILL at random moments ({', '.join(phases)}), then --resume",
+    return [Row(f"train.py killed {kills} ×", f"SIGKILL at random moments ({', '.join(phases)}), then --resume",
                 f"resumed each time; final weights {'equal' if equal else 'DIFFER from'} an uninterrupted run's, "
                 "bit for bit", equal, equal)]
 
@@ -371,23 +399,25 @@ sys.exit(train.main())
 
 def kill_in_write_faults(work: Path, dataset: Path, size: Size, reference: Path) -> list[Row]:
     """SIGKILL train.py inside a checkpoint write, on a hook: once in the second resume-state write, once in the
-    second module file of the final checkpoints; each time --resume, and the final weights against ``reference``."""
+    second module file of the final checkpoints; each time --resume, and the final weights against ``reference``.
+    The two cases run side by side (their own folders; the feature cache is the reference's, complete)."""
+    cases = (("the resume state of epoch 2", "resume", 2), ("the final checkpoints (second module file)", "module", 2))
+    savepaths = [work / f"killed_in_write_{kind}" for _, kind, _ in cases]
+    args = [["--dataset_path", str(dataset), *size.train_args, "--cache_dir", str(work / "reference_cache"),
+             "--checkpoint_savepath", str(savepath), "--resume"] for savepath in savepaths]
+    logs = [work / f"{savepath.name}.log" for savepath in savepaths]
+    killed = side_by_side([[sys.executable, "-c", KILL_IN_WRITE, kind, str(target), *a]
+                           for (_, kind, target), a in zip(cases, args)], logs)
+    leftovers = [sorted(p.name for p in (savepath / CLASS).glob(".*.tmp")) for savepath in savepaths]
+    statuses = side_by_side([command("train.py", *a) for a in args], logs)
     rows = []
-    for what, kind, target in (("the resume state of epoch 2", "resume", 2),
-                               ("the final checkpoints (second module file)", "module", 2)):
-        savepath = work / f"killed_in_write_{kind}"
-        args = ["--dataset_path", str(dataset), *size.train_args, "--cache_dir", str(work / "reference_cache"),
-                "--checkpoint_savepath", str(savepath), "--resume"]
-        log = work / f"{savepath.name}.log"
-        killed = run([sys.executable, "-c", KILL_IN_WRITE, kind, str(target), *args], log)
-        leftovers = sorted(p.name for p in (savepath / CLASS).glob(".*.tmp"))
-        status = run(command("train.py", *args), log)
+    for (what, _, _), savepath, kill, left, status in zip(cases, savepaths, killed, leftovers, statuses):
         equal = status == 0 and same_weights(savepath, reference)
         rows.append(Row(f"train.py killed inside a write of {what}", f"SIGKILL with half the file written "
-                        f"(exit {killed}), then --resume",
+                        f"(exit {kill}), then --resume",
                         f"resumed (exit {status}); final weights {'equal' if equal else 'DIFFER from'} an "
                         f"uninterrupted run's, bit for bit; the half-written file was the temporary one "
-                        f"({len(leftovers)} left behind, ignored)", equal, equal and killed == -signal.SIGKILL))
+                        f"({len(left)} left behind, ignored)", equal, equal and kill == -signal.SIGKILL))
     return rows
 
 
@@ -514,15 +544,18 @@ def checkpoint_faults(work: Path, run_dir: Path, dataset: Path, size: Size) -> l
     victim = next(iter(module_files(truncated).values()))
     victim.write_bytes(victim.read_bytes()[:1000])
     cases.append(("a truncated checkpoint file", ["--checkpoint_folder", str(truncated)], truncated))
-    for name, args, folder in cases:
-        before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
-        log = work / f"wrong_{name.replace(' ', '_')}.log"
-        status = run(command("inference.py", *common, *args), log)
+    folders = {folder for _, _, folder in cases}
+    before = {p: p.read_bytes() for folder in folders for p in folder.rglob("*") if p.is_file()}
+    logs = [work / f"wrong_{name.replace(' ', '_')}.log" for name, _, _ in cases]
+    statuses = side_by_side([command("inference.py", *common, *args) for _, args, _ in cases], logs)
+    for (name, args, folder), log, status in zip(cases, logs, statuses):
         text = log.read_text()
         after = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
         message = _error_line(text)
+        unchanged = all(before.get(p) == data for p, data in after.items()) and \
+            all(p in after for p in before if p.is_relative_to(folder))
         rows.append(Row(f"checkpoint of {name}", f"inference.py {' '.join(args[:2])}", f"exit {status}: '{message}'",
-                        after == before, status != 0 and "Traceback" not in text and message != "no error logged"))
+                        unchanged, status != 0 and "Traceback" not in text and message != "no error logged"))
     return rows
 
 
@@ -541,12 +574,13 @@ def main(argv: list[str] | None = None) -> int:
     dataset = generate_dataset(work / "data", SyntheticConfig(classes=(CLASS,), n_train=size.n_train, n_val=2,
                                                               n_test=size.n_test, size=(64, 80),
                                                               background="none"))
-    reference, start = work / "reference", time.monotonic()
-    if run(command("train.py", "--dataset_path", str(dataset), *size.train_args, "--cache_dir",
-                   str(work / "reference_cache"), "--checkpoint_savepath", str(reference)), work / "reference.log"):
+    reference = work / "reference"
+    status, duration = run_until_written(command("train.py", "--dataset_path", str(dataset), *size.train_args,
+                                                 "--cache_dir", str(work / "reference_cache"),
+                                                 "--checkpoint_savepath", str(reference)), work / "reference.log")
+    if status:
         print(f"the reference run failed: {work / 'reference.log'}")
         return 1
-    duration = time.monotonic() - start
     rows = [*watcher_faults(work, reference, dataset, size, rng), *soak_fault(work, reference, dataset, size),
             *kill_faults(work, dataset, size, rng, reference, duration),
             *kill_in_write_faults(work, dataset, size, reference),
