@@ -20,6 +20,6 @@ def test_the_fault_drill_finds_nothing_lost_and_everything_recovered(tmp_path: P
     faults = " ".join(row["fault"] for row in rows)
     for fault in ("written in pieces", "truncated", "notimage", "othersize", "2 s after", "deleted", "many parts",
                   "a soak", "train.py killed", "inside a write of the resume state",
-                  "inside a write of the final checkpoints", "one --cache_dir", "full device", "another method", "another preset", "another seed",
-                  "truncated checkpoint"):
+                  "inside a write of the final checkpoints", "one --cache_dir", "full device", "another method",
+                  "another preset", "another seed", "truncated checkpoint"):
         assert fault in faults, fault
