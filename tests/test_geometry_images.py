@@ -359,7 +359,8 @@ def test_geometry_images_refuse_pointmae_weights(tmp_path):
 
 
 def test_lite_presets_choose_their_3d_branch():
-    """lite reads geometry images; lite_fpfh keeps FPFH; BTF and Shape-Guided keep FPFH on lite, as they define."""
+    """lite reads geometry images (lite_curvature one more); lite_fpfh keeps FPFH; BTF and Shape-Guided keep FPFH on
+    lite, as they define."""
     from networks.methods.btf import BTF_PRESETS
     from networks.extractors.fpfh import FPFHConfig
     from networks.methods.shape_guided import SG_PRESETS
@@ -368,5 +369,7 @@ def test_lite_presets_choose_their_3d_branch():
     assert PRESETS["lite"].xyz.cnn == PRESETS["lite"].rgb, "the images go through the RGB branch's network"
     assert isinstance(PRESETS["lite_fpfh"].xyz, FPFHConfig)
     assert dataclasses.replace(PRESETS["lite_fpfh"], xyz=PRESETS["lite"].xyz) == PRESETS["lite"]
+    curvature = GeometryImagesConfig(images=("normals", "curvature"))  # lite_curvature: lite plus that image
+    assert dataclasses.replace(PRESETS["lite"], xyz=curvature) == PRESETS["lite_curvature"]
     for presets in (BTF_PRESETS, SG_PRESETS):
         assert isinstance(presets["lite"].xyz, FPFHConfig) and presets["lite"] == presets["lite_fpfh"]

@@ -78,6 +78,7 @@ M3DM_PRESETS = {
     "paper": dataclasses.replace(PRESETS["paper"], feature_size=M3DM_GRID, rgb_upsampling="nearest"),
     "lite": dataclasses.replace(PRESETS["lite"], rgb_upsampling="nearest"),
     "lite_fpfh": dataclasses.replace(PRESETS["lite_fpfh"], rgb_upsampling="nearest"),
+    "lite_curvature": dataclasses.replace(PRESETS["lite_curvature"], rgb_upsampling="nearest"),
     # tiny: 8² ViT tokens on a 16² grid, the same 2 × 2 relation at test size
     "tiny": dataclasses.replace(PRESETS["tiny"], feature_size=16, rgb_upsampling="nearest"),
 }
