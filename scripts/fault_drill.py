@@ -142,6 +142,12 @@ def phase(lines: list[str], epochs: int) -> str:
 # --- 1. the watched folder ---------------------------------------------------------------------------------------
 
 
+def _ctrl_c_as_in_a_terminal() -> None:
+    """SIGINT's default for the watcher: a shell that starts the drill in the background (``cmd &``) starts it with
+    SIGINT ignored, which every child inherits and Python then leaves ignored — its Ctrl-C would never arrive."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Watcher:
     """predict.py --watch on ``inbox``, results in ``out``."""
 
@@ -153,7 +159,7 @@ class Watcher:
             command("predict.py", "--checkpoint_folder", str(run_dir), "--class_name", CLASS, "--rgb",
                     str(self.inbox / "rgb"), "--xyz", str(self.inbox / "xyz"), "--out", str(self.out), "--watch",
                     "--poll_seconds", "0.3", "--device", "cpu"),
-            stdout=self.log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT)
+            stdout=self.log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT, preexec_fn=_ctrl_c_as_in_a_terminal)
 
     def rows(self) -> list[dict]:
         path = self.out / "results.jsonl"
