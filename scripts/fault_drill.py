@@ -13,6 +13,7 @@ manual steps. docs/fault_drill.md holds the table of this machine; tests/test_fa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -22,7 +23,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,12 +103,17 @@ def run_until_written(cmd: list[str], log: Path) -> tuple[int, float]:
 
 def side_by_side(commands: list[list[str]], logs: list[Path]) -> list[int]:
     """Run ``commands`` at once, each appending to its log; their exit statuses. For the cases that are mostly
-    Python's start-up and write into folders of their own."""
+    Python's start-up and write nowhere another reads."""
     processes = []
     for cmd, log in zip(commands, logs):
         with log.open("a") as handle:
             processes.append(subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT))
     return [process.wait() for process in processes]
+
+
+def folder_bytes(folder: Path) -> dict[Path, bytes]:
+    """Every file under ``folder`` and its bytes (to tell that a run left a folder as it found it)."""
+    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
 def module_files(run_dir: Path) -> dict[str, Path]:
@@ -142,10 +148,16 @@ def phase(lines: list[str], epochs: int) -> str:
 # --- 1. the watched folder ---------------------------------------------------------------------------------------
 
 
-def _ctrl_c_as_in_a_terminal() -> None:
-    """SIGINT's default for the watcher: a shell that starts the drill in the background (``cmd &``) starts it with
-    SIGINT ignored, which every child inherits and Python then leaves ignored — its Ctrl-C would never arrive."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+@contextlib.contextmanager
+def ctrl_c_reaches_children() -> Iterator[None]:
+    """Children started inside get SIGINT's default: a shell that starts the drill in the background (``cmd &``)
+    starts it with SIGINT ignored, which children inherit and Python then leaves ignored (the watcher's Ctrl-C would
+    never arrive); a signal caught here is reset to its default in a child, without code run between fork and exec."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 class Watcher:
@@ -155,11 +167,12 @@ class Watcher:
         self.inbox, self.out, self.log = work / "inbox", work / "watch_out", work / "watch.log"
         for sub in ("rgb", "xyz"):
             (self.inbox / sub).mkdir(parents=True, exist_ok=True)
-        self.process = subprocess.Popen(
-            command("predict.py", "--checkpoint_folder", str(run_dir), "--class_name", CLASS, "--rgb",
-                    str(self.inbox / "rgb"), "--xyz", str(self.inbox / "xyz"), "--out", str(self.out), "--watch",
-                    "--poll_seconds", "0.3", "--device", "cpu"),
-            stdout=self.log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT, preexec_fn=_ctrl_c_as_in_a_terminal)
+        with ctrl_c_reaches_children():
+            self.process = subprocess.Popen(
+                command("predict.py", "--checkpoint_folder", str(run_dir), "--class_name", CLASS, "--rgb",
+                        str(self.inbox / "rgb"), "--xyz", str(self.inbox / "xyz"), "--out", str(self.out), "--watch",
+                        "--poll_seconds", "0.3", "--device", "cpu"),
+                stdout=self.log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT)
 
     def rows(self) -> list[dict]:
         path = self.out / "results.jsonl"
@@ -405,25 +418,23 @@ sys.exit(train.main())
 
 def kill_in_write_faults(work: Path, dataset: Path, size: Size, reference: Path) -> list[Row]:
     """SIGKILL train.py inside a checkpoint write, on a hook: once in the second resume-state write, once in the
-    second module file of the final checkpoints; each time --resume, and the final weights against ``reference``.
-    The two cases run side by side (their own folders; the feature cache is the reference's, complete)."""
-    cases = (("the resume state of epoch 2", "resume", 2), ("the final checkpoints (second module file)", "module", 2))
-    savepaths = [work / f"killed_in_write_{kind}" for _, kind, _ in cases]
-    args = [["--dataset_path", str(dataset), *size.train_args, "--cache_dir", str(work / "reference_cache"),
-             "--checkpoint_savepath", str(savepath), "--resume"] for savepath in savepaths]
-    logs = [work / f"{savepath.name}.log" for savepath in savepaths]
-    killed = side_by_side([[sys.executable, "-c", KILL_IN_WRITE, kind, str(target), *a]
-                           for (_, kind, target), a in zip(cases, args)], logs)
-    leftovers = [sorted(p.name for p in (savepath / CLASS).glob(".*.tmp")) for savepath in savepaths]
-    statuses = side_by_side([command("train.py", *a) for a in args], logs)
+    second module file of the final checkpoints; each time --resume, and the final weights against ``reference``."""
     rows = []
-    for (what, _, _), savepath, kill, left, status in zip(cases, savepaths, killed, leftovers, statuses):
+    for what, kind, target in (("the resume state of epoch 2", "resume", 2),
+                               ("the final checkpoints (second module file)", "module", 2)):
+        savepath = work / f"killed_in_write_{kind}"
+        args = ["--dataset_path", str(dataset), *size.train_args, "--cache_dir", str(work / "reference_cache"),
+                "--checkpoint_savepath", str(savepath), "--resume"]
+        log = work / f"{savepath.name}.log"
+        killed = run([sys.executable, "-c", KILL_IN_WRITE, kind, str(target), *args], log)
+        leftovers = sorted(p.name for p in (savepath / CLASS).glob(".*.tmp"))
+        status = run(command("train.py", *args), log)
         equal = status == 0 and same_weights(savepath, reference)
         rows.append(Row(f"train.py killed inside a write of {what}", f"SIGKILL with half the file written "
-                        f"(exit {kill}), then --resume",
+                        f"(exit {killed}), then --resume",
                         f"resumed (exit {status}); final weights {'equal' if equal else 'DIFFER from'} an "
                         f"uninterrupted run's, bit for bit; the half-written file was the temporary one "
-                        f"({len(left)} left behind, ignored)", equal, equal and kill == -signal.SIGKILL))
+                        f"({len(leftovers)} left behind, ignored)", equal, equal and killed == -signal.SIGKILL))
     return rows
 
 
@@ -550,18 +561,14 @@ def checkpoint_faults(work: Path, run_dir: Path, dataset: Path, size: Size) -> l
     victim = next(iter(module_files(truncated).values()))
     victim.write_bytes(victim.read_bytes()[:1000])
     cases.append(("a truncated checkpoint file", ["--checkpoint_folder", str(truncated)], truncated))
-    folders = {folder for _, _, folder in cases}
-    before = {p: p.read_bytes() for folder in folders for p in folder.rglob("*") if p.is_file()}
+    befores = [folder_bytes(folder) for _, _, folder in cases]
     logs = [work / f"wrong_{name.replace(' ', '_')}.log" for name, _, _ in cases]
     statuses = side_by_side([command("inference.py", *common, *args) for _, args, _ in cases], logs)
-    for (name, args, folder), log, status in zip(cases, logs, statuses):
+    for (name, args, folder), log, status, before in zip(cases, logs, statuses, befores):
         text = log.read_text()
-        after = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
         message = _error_line(text)
-        unchanged = all(before.get(p) == data for p, data in after.items()) and \
-            all(p in after for p in before if p.is_relative_to(folder))
         rows.append(Row(f"checkpoint of {name}", f"inference.py {' '.join(args[:2])}", f"exit {status}: '{message}'",
-                        unchanged, status != 0 and "Traceback" not in text and message != "no error logged"))
+                        folder_bytes(folder) == before, status != 0 and "Traceback" not in text and message != "no error logged"))
     return rows
 
 
